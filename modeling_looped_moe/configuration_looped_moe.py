@@ -1,0 +1,399 @@
+"""LoopedMoeConfig: the configuration of looped and expert-tied Mixture-of-Experts language models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+
+QK_NORM_OPTIONS = ("none", "head", "full")
+ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    """Raise a `ValueError` that names the offending field when `condition` is false."""
+    if not condition:
+        raise ValueError(f"LoopedMoeConfig.{field}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class LoopedMoeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a looped Mixture-of-Experts decoder ([`LoopedMoeForCausalLM`]).
+
+    The stack is `num_prelude_layers` unique layers, then a block of `num_loop_layers` unique layers applied
+    `num_loops` times, then `num_coda_layers` unique layers. Every application of a layer is one *depth step*;
+    `num_hidden_layers` is the number of depth steps, so caches, hidden states and router logits have one entry per
+    depth step. Expert weights live in *banks*: with `expert_tying_group_size=g`, groups of `g` consecutive MoE layers
+    (between `num_untied_first_layers` and `num_untied_last_layers` untied anchors) refer to one bank, while routers,
+    attention and norms stay per layer.
+
+    Args:
+        vocab_size (`int`, defaults to 32000): Vocabulary size.
+        hidden_size (`int`, defaults to 512): Width of the residual stream.
+        num_attention_heads (`int`, defaults to 8): Query heads.
+        num_key_value_heads (`int`, *optional*): Key/value heads (grouped-query attention); defaults to
+            `num_attention_heads`.
+        head_dim (`int`, *optional*): Per-head width; defaults to `hidden_size // num_attention_heads`.
+        hidden_act (`str`, defaults to `"silu"`): Activation of the gated MLPs and experts.
+        max_position_embeddings (`int`, defaults to 4096): Longest sequence the model is meant for.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        rope_parameters (`dict`, *optional*): RoPE parameters, as in the `transformers` models.
+        attention_bias (`bool`, defaults to `False`): Bias on the q/k/v/o projections.
+        attention_dropout (`float`, defaults to 0.0): Dropout on attention probabilities.
+        qk_norm (`str`, defaults to `"none"`): `"none"` (Mixtral), `"head"` (RMSNorm per head, Qwen3-MoE) or
+            `"full"` (RMSNorm over the whole q and k projections, OLMoE).
+        num_prelude_layers (`int`, defaults to 0): Unique layers applied once before the loop block.
+        num_loop_layers (`int`, defaults to 4): Unique layers in the loop block.
+        num_loops (`int`, defaults to 2): How many times the loop block is applied.
+        num_coda_layers (`int`, defaults to 0): Unique layers applied once after the loop block.
+        intermediate_size (`int`, defaults to 1536): Width of the dense MLP (dense layers and dense models).
+        mlp_only_layers (`list[int]`, *optional*): Unique layer indices (0-based over prelude, loop block, coda) that
+            use a dense MLP instead of experts.
+        num_experts (`int`, defaults to 8): Routed experts per bank; 0 makes every layer dense.
+        num_experts_per_tok (`int`, defaults to 2): Top-k.
+        moe_intermediate_size (`int`, defaults to 768): Width of one routed expert.
+        num_shared_experts (`int`, defaults to 0): Shared (always active) experts per MoE layer, fused into one MLP.
+        shared_expert_intermediate_size (`int`, *optional*): Width of one shared expert; defaults to
+            `moe_intermediate_size`.
+        shared_expert_gate (`bool`, defaults to `False`): Scale the shared experts' output by a sigmoid gate
+            (Qwen2-MoE).
+        router_scoring (`str`, defaults to `"softmax"`): `"softmax"` or `"sigmoid"` router scores.
+        norm_topk_prob (`bool`, defaults to `True`): Renormalise the top-k weights to sum to one.
+        router_aux_loss_coef (`float`, defaults to 0.01): Weight of the Switch load-balancing loss.
+        router_z_loss_coef (`float`, defaults to 0.0): Weight of the router z-loss.
+        output_router_logits (`bool`, defaults to `False`): Return router logits (and add the router losses).
+        expert_tying_group_size (`int`, defaults to 1): `g` consecutive MoE layers share one expert bank.
+        num_untied_first_layers (`int`, defaults to 0): MoE layers at the start that keep their own bank.
+        num_untied_last_layers (`int`, defaults to 0): MoE layers at the end that keep their own bank.
+        per_loop_router (`bool`, defaults to `False`): Give each loop its own router in the loop block.
+        tie_word_embeddings (`bool`, defaults to `False`): Share the input embedding with the LM head.
+        initializer_range (`float`, defaults to 0.02): Standard deviation of the weight initialisation.
+    """
+
+    model_type = "looped_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        rms_norm_eps: float = 1e-6,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        qk_norm: str = "none",
+        num_prelude_layers: int = 0,
+        num_loop_layers: int = 4,
+        num_loops: int = 2,
+        num_coda_layers: int = 0,
+        intermediate_size: int = 1536,
+        mlp_only_layers: list[int] | None = None,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int = 768,
+        num_shared_experts: int = 0,
+        shared_expert_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
+        router_scoring: str = "softmax",
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.0,
+        output_router_logits: bool = False,
+        expert_tying_group_size: int = 1,
+        num_untied_first_layers: int = 0,
+        num_untied_last_layers: int = 0,
+        per_loop_router: bool = False,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs,
+    ):
+        # Derived and stored by older saves; recomputed from the schedule, never trusted from disk.
+        stored_depth = kwargs.pop("num_hidden_layers", None)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else (
+            hidden_size // num_attention_heads if _is_int(num_attention_heads) and num_attention_heads > 0 else None
+        )
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = rope_parameters if rope_parameters is not None else {"rope_type": "default"}
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.qk_norm = qk_norm
+        self.num_prelude_layers = num_prelude_layers
+        self.num_loop_layers = num_loop_layers
+        self.num_loops = num_loops
+        self.num_coda_layers = num_coda_layers
+        self.intermediate_size = intermediate_size
+        self.mlp_only_layers = list(mlp_only_layers) if mlp_only_layers is not None else []
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_shared_experts = num_shared_experts
+        self.shared_expert_intermediate_size = (
+            shared_expert_intermediate_size if shared_expert_intermediate_size is not None else moe_intermediate_size
+        )
+        self.shared_expert_gate = shared_expert_gate
+        self.router_scoring = router_scoring
+        self.norm_topk_prob = norm_topk_prob
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.output_router_logits = output_router_logits
+        self.expert_tying_group_size = expert_tying_group_size
+        self.num_untied_first_layers = num_untied_first_layers
+        self.num_untied_last_layers = num_untied_last_layers
+        self.per_loop_router = per_loop_router
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        super().__init__(**kwargs)
+        self.validate_looped_moe()
+        if stored_depth is not None and stored_depth != self.num_hidden_layers:
+            raise ValueError(
+                f"LoopedMoeConfig.num_hidden_layers: {stored_depth} contradicts the depth schedule "
+                f"({self.num_hidden_layers} depth steps); it is derived, so leave it out or make it match"
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Derived structure
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of depth steps: prelude + loop block x num_loops + coda."""
+        return self.num_prelude_layers + self.num_loop_layers * self.num_loops + self.num_coda_layers
+
+    @property
+    def num_unique_layers(self) -> int:
+        """Number of distinct decoder layers (modules holding weights)."""
+        return self.num_prelude_layers + self.num_loop_layers + self.num_coda_layers
+
+    def depth_schedule(self) -> list[tuple[int, int]]:
+        """`(unique_layer_idx, loop_idx)` for every depth step; `loop_idx` is 0 outside the loop block."""
+        schedule = [(layer_idx, 0) for layer_idx in range(self.num_prelude_layers)]
+        loop_start = self.num_prelude_layers
+        for loop_idx in range(self.num_loops):
+            schedule += [(loop_start + i, loop_idx) for i in range(self.num_loop_layers)]
+        coda_start = loop_start + self.num_loop_layers
+        schedule += [(coda_start + i, 0) for i in range(self.num_coda_layers)]
+        return schedule
+
+    def is_loop_layer(self, layer_idx: int) -> bool:
+        """Whether unique layer `layer_idx` belongs to the loop block."""
+        return self.num_prelude_layers <= layer_idx < self.num_prelude_layers + self.num_loop_layers
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether unique layer `layer_idx` routes to experts (as opposed to a dense MLP)."""
+        return self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Unique layer indices of the MoE layers, in order."""
+        return [i for i in range(self.num_unique_layers) if self.is_moe_layer(i)]
+
+    def expert_bank_map(self) -> dict[int, int]:
+        """Maps each MoE unique layer to the index of the expert bank it uses.
+
+        The first `num_untied_first_layers` and last `num_untied_last_layers` MoE layers keep their own bank; the
+        MoE layers between them share banks in consecutive groups of `expert_tying_group_size`.
+        """
+        moe_layers = self.moe_layers
+        first, last, group = self.num_untied_first_layers, self.num_untied_last_layers, self.expert_tying_group_size
+        bank_map, bank_idx = {}, 0
+        middle_end = len(moe_layers) - last
+        for position, layer_idx in enumerate(moe_layers):
+            if position < first or position >= middle_end:
+                bank_map[layer_idx] = bank_idx
+                bank_idx += 1
+            else:
+                bank_map[layer_idx] = bank_idx
+                if (position - first + 1) % group == 0:
+                    bank_idx += 1
+        return bank_map
+
+    @property
+    def num_expert_banks(self) -> int:
+        """Number of distinct expert banks stored by the model."""
+        bank_map = self.expert_bank_map()
+        return len(set(bank_map.values()))
+
+    def num_routers(self, layer_idx: int) -> int:
+        """Routers held by MoE layer `layer_idx` (one per loop with `per_loop_router` inside the loop block)."""
+        return self.num_loops if (self.per_loop_router and self.is_loop_layer(layer_idx)) else 1
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------------------------
+    def validate_looped_moe(self) -> None:
+        """Raise a `ValueError` naming the field for every impossible combination of settings."""
+        for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                      "max_position_embeddings", "num_loop_layers", "num_loops", "intermediate_size",
+                      "expert_tying_group_size"):
+            value = getattr(self, field)
+            _require(_is_int(value) and value >= 1, field, f"must be an integer >= 1, got {value!r}")
+        for field in ("num_prelude_layers", "num_coda_layers", "num_experts", "num_shared_experts",
+                      "num_untied_first_layers", "num_untied_last_layers"):
+            value = getattr(self, field)
+            _require(_is_int(value) and value >= 0, field, f"must be an integer >= 0, got {value!r}")
+        _require(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
+                 "num_attention_heads", "must divide hidden_size when head_dim is not given")
+        _require(_is_int(self.head_dim) and self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
+                 f"must be an even integer >= 2 (RoPE rotates pairs), got {self.head_dim!r}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")
+        _require(self.qk_norm in QK_NORM_OPTIONS, "qk_norm", f"must be one of {QK_NORM_OPTIONS}, got {self.qk_norm!r}")
+        _require(self.router_scoring in ROUTER_SCORING_OPTIONS, "router_scoring",
+                 f"must be one of {ROUTER_SCORING_OPTIONS}, got {self.router_scoring!r}")
+        from transformers.activations import ACT2FN
+
+        _require(self.hidden_act in ACT2FN, "hidden_act", f"unknown activation {self.hidden_act!r}")
+        _require(isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0, "rms_norm_eps",
+                 f"must be > 0, got {self.rms_norm_eps!r}")
+        _require(isinstance(self.attention_dropout, (int, float)) and 0 <= self.attention_dropout < 1,
+                 "attention_dropout", f"must be in [0, 1), got {self.attention_dropout!r}")
+        _require(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0,
+                 "initializer_range", f"must be > 0, got {self.initializer_range!r}")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, field)
+            _require(isinstance(value, (int, float)) and value >= 0, field, f"must be >= 0, got {value!r}")
+        bad_dense = [i for i in self.mlp_only_layers if not _is_int(i) or not 0 <= i < self.num_unique_layers]
+        _require(not bad_dense, "mlp_only_layers",
+                 f"indices {bad_dense} are not unique layers (0..{self.num_unique_layers - 1})")
+        if self.num_experts > 0:
+            _require(_is_int(self.num_experts_per_tok) and self.num_experts_per_tok >= 1, "num_experts_per_tok",
+                     f"must be an integer >= 1, got {self.num_experts_per_tok!r}")
+            _require(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                     f"top-k ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
+            _require(_is_int(self.moe_intermediate_size) and self.moe_intermediate_size >= 1, "moe_intermediate_size",
+                     f"must be an integer >= 1, got {self.moe_intermediate_size!r}")
+            if self.num_shared_experts > 0:
+                _require(_is_int(self.shared_expert_intermediate_size) and self.shared_expert_intermediate_size >= 1,
+                         "shared_expert_intermediate_size",
+                         f"must be an integer >= 1, got {self.shared_expert_intermediate_size!r}")
+        _require(not (self.shared_expert_gate and self.num_shared_experts == 0), "shared_expert_gate",
+                 "needs num_shared_experts >= 1")
+        self._validate_tying()
+
+    def _validate_tying(self) -> None:
+        num_moe = len(self.moe_layers) if self.num_experts > 0 else 0
+        anchors = self.num_untied_first_layers + self.num_untied_last_layers
+        if self.expert_tying_group_size == 1 and anchors == 0:
+            return
+        _require(self.num_experts > 0, "expert_tying_group_size", "expert tying needs num_experts >= 1")
+        _require(anchors <= num_moe, "num_untied_first_layers",
+                 f"untied anchors ({self.num_untied_first_layers} + {self.num_untied_last_layers}) exceed the "
+                 f"{num_moe} MoE layers")
+        middle = num_moe - anchors
+        _require(middle % self.expert_tying_group_size == 0, "expert_tying_group_size",
+                 f"{middle} tied MoE layers between the anchors are not divisible into groups of "
+                 f"{self.expert_tying_group_size}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Accounting
+    # ----------------------------------------------------------------------------------------------------------
+    def _attention_parameters(self) -> int:
+        hidden, q_width, kv_width = self.hidden_size, self.num_attention_heads * self.head_dim, \
+            self.num_key_value_heads * self.head_dim
+        params = 2 * hidden * q_width + 2 * hidden * kv_width
+        if self.attention_bias:
+            params += q_width + 2 * kv_width + hidden
+        if self.qk_norm == "head":
+            params += 2 * self.head_dim
+        elif self.qk_norm == "full":
+            params += q_width + kv_width
+        return params
+
+    def _expert_parameters(self) -> int:
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def _shared_parameters(self) -> int:
+        params = 3 * self.hidden_size * self.shared_expert_intermediate_size * self.num_shared_experts
+        return params + (self.hidden_size if self.shared_expert_gate and self.num_shared_experts else 0)
+
+    def _ffn_active_parameters(self, layer_idx: int) -> int:
+        """FFN parameters applied to one token in one application of unique layer `layer_idx`."""
+        if not self.is_moe_layer(layer_idx):
+            return 3 * self.hidden_size * self.intermediate_size
+        router = self.num_experts * self.hidden_size
+        return router + self.num_experts_per_tok * self._expert_parameters() + self._shared_parameters()
+
+    def _embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    def num_total_parameters(self) -> int:
+        """Stored parameters of [`LoopedMoeForCausalLM`] (each expert bank counted once)."""
+        total = self._embedding_parameters()
+        for layer_idx in range(self.num_unique_layers):
+            total += self._attention_parameters() + 2 * self.hidden_size
+            if self.is_moe_layer(layer_idx):
+                total += self.num_routers(layer_idx) * self.num_experts * self.hidden_size + self._shared_parameters()
+            else:
+                total += 3 * self.hidden_size * self.intermediate_size
+        return total + self.num_expert_banks * self.num_experts * self._expert_parameters()
+
+    def num_active_parameters(self, count_loops: bool = True) -> int:
+        """Parameters applied to one token in a forward pass, embeddings and head included.
+
+        Args:
+            count_loops (`bool`, defaults to `True`): Count the loop block once per loop (compute-matched, as the
+                papers compare looped and non-looped models). With `False`, each unique layer counts once.
+        """
+        active = self._embedding_parameters()
+        layers = [idx for idx, _ in self.depth_schedule()] if count_loops else range(self.num_unique_layers)
+        for layer_idx in layers:
+            active += self._attention_parameters() + 2 * self.hidden_size + self._ffn_active_parameters(layer_idx)
+        return active
+
+    def attention_to_ffn_ratio(self) -> float:
+        """Active attention parameters over active FFN parameters (routers, top-k experts, shared experts)."""
+        schedule = [idx for idx, _ in self.depth_schedule()]
+        attention = len(schedule) * self._attention_parameters()
+        ffn = sum(self._ffn_active_parameters(idx) for idx in schedule)
+        return attention / ffn
+
+    def forward_flops_per_token(self, context_length: int = 2048) -> float:
+        """Forward FLOPs per token: 2 per active matmul weight plus attention scores and values.
+
+        Args:
+            context_length (`int`, defaults to 2048): Number of keys each query attends to (the usual
+                non-causal-discounted convention, `4 * heads * head_dim * context` per depth step).
+        """
+        matmul = self.num_active_parameters(count_loops=True) - self.vocab_size * self.hidden_size
+        if self.tie_word_embeddings:  # the tied embedding is still applied as the head
+            matmul += self.vocab_size * self.hidden_size
+        attention = 4 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * context_length
+        return float(2 * matmul + attention)
+
+    def parameter_summary(self) -> dict[str, Any]:
+        """Totals used by the presets table and the demo."""
+        return {
+            "depth_steps": self.num_hidden_layers,
+            "unique_layers": self.num_unique_layers,
+            "expert_banks": self.num_expert_banks if self.num_experts > 0 else 0,
+            "total_parameters": self.num_total_parameters(),
+            "active_parameters": self.num_active_parameters(),
+            "attention_to_ffn_ratio": round(self.attention_to_ffn_ratio(), 4),
+            "forward_flops_per_token": self.forward_flops_per_token(),
+        }
+
+
+__all__ = ["LoopedMoeConfig"]

@@ -1,0 +1,502 @@
+"""PyTorch looped Mixture-of-Experts decoder with expert banks shared across layers and loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeRMSNorm,
+    Qwen3MoeRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_looped_moe import LoopedMoeConfig
+from .losses_looped_moe import load_balancing_loss, router_z_loss
+
+
+class LoopedMoeRMSNorm(Qwen3MoeRMSNorm):
+    """RMSNorm (T5 style), computed in float32."""
+
+
+class LoopedMoeRotaryEmbedding(Qwen3MoeRotaryEmbedding):
+    """Rotary position embedding; every depth step of one forward shares the same cos/sin."""
+
+
+@dataclass
+class LoopedMoeModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden state (before the final norm) at the end of every loop, returned with `output_loop_hidden_states=True`.
+    """
+
+    loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LoopedMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    z_loss (`torch.FloatTensor`, *optional*):
+        Router z-loss averaged over the MoE depth steps.
+    loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden state (before the final norm) at the end of every loop.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+    loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LoopedMoeAttention(nn.Module):
+    """Grouped-query attention with optional q/k norm; the cache slot is chosen per call (one per depth step)."""
+
+    def __init__(self, config: LoopedMoeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm == "head":  # Qwen3-MoE: one norm over each head
+            self.q_norm = LoopedMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LoopedMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        elif self.qk_norm == "full":  # OLMoE: one norm over the whole projection
+            self.q_norm = LoopedMoeRMSNorm(q_width, eps=config.rms_norm_eps)
+            self.k_norm = LoopedMoeRMSNorm(kv_width, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        cache_idx: int | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        if self.qk_norm == "full":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states = query_states.view(hidden_shape)
+        key_states = key_states.view(hidden_shape)
+        if self.qk_norm == "head":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)
+        key_states = key_states.transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            if cache_idx is None:
+                raise ValueError("LoopedMoeAttention needs `cache_idx` (the depth step) to use a cache")
+            key_states, value_states = past_key_values.update(key_states, value_states, cache_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LoopedMoeMLP(nn.Module):
+    """Gated MLP used for dense layers and shared experts."""
+
+    def __init__(self, config: LoopedMoeConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+@use_experts_implementation
+class LoopedMoeExperts(nn.Module):
+    """One expert bank: routed experts stored as fused 3D tensors, owned once and used by every layer tied to it."""
+
+    def __init__(self, config: LoopedMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class LoopedMoeTopKRouter(nn.Module):
+    """Top-k router over softmax or sigmoid scores; returns (logits, top-k weights, top-k indices)."""
+
+    def __init__(self, config: LoopedMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scoring = config.router_scoring
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        if self.scoring == "softmax":
+            router_scores = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        else:
+            router_scores = torch.sigmoid(router_logits.float())
+        top_values, top_indices = torch.topk(router_scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+        return router_logits, top_values.to(router_logits.dtype), top_indices
+
+
+class LoopedMoeSparseMoeBlock(nn.Module):
+    """Routers (one, or one per loop) and optional shared experts; the routed experts come from a bank."""
+
+    def __init__(self, config: LoopedMoeConfig, layer_idx: int):
+        super().__init__()
+        num_routers = config.num_routers(layer_idx)
+        if num_routers == 1:
+            self.gate = LoopedMoeTopKRouter(config)
+        else:
+            self.gate = nn.ModuleList([LoopedMoeTopKRouter(config) for _ in range(num_routers)])
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.num_shared_experts > 0:
+            width = config.num_shared_experts * config.shared_expert_intermediate_size
+            self.shared_expert = LoopedMoeMLP(config, intermediate_size=width)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def router(self, loop_idx: int) -> LoopedMoeTopKRouter:
+        """The router used in loop `loop_idx`."""
+        return self.gate[loop_idx] if isinstance(self.gate, nn.ModuleList) else self.gate
+
+    def forward(self, hidden_states: torch.Tensor, experts: LoopedMoeExperts, loop_idx: int = 0) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat_states = hidden_states.reshape(-1, hidden_dim)
+        _, routing_weights, selected_experts = self.router(loop_idx)(flat_states)
+        output = experts(flat_states, selected_experts, routing_weights)
+        if self.shared_expert is not None:
+            shared_output = self.shared_expert(flat_states)
+            if self.shared_expert_gate is not None:
+                shared_output = torch.sigmoid(self.shared_expert_gate(flat_states)) * shared_output
+            output = output + shared_output
+        return output.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer: attention, then a dense MLP or a sparse MoE block."""
+
+    def __init__(self, config: LoopedMoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = LoopedMoeAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = LoopedMoeSparseMoeBlock(config, layer_idx)
+        else:
+            self.mlp = LoopedMoeMLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        cache_idx: int | None = None,
+        experts: LoopedMoeExperts | None = None,
+        loop_idx: int = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache_idx=cache_idx,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, LoopedMoeSparseMoeBlock):
+            hidden_states = self.mlp(hidden_states, experts, loop_idx)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class LoopedMoePreTrainedModel(PreTrainedModel):
+    config: LoopedMoeConfig
+    config_class = LoopedMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LoopedMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(LoopedMoeTopKRouter, index=0),
+        "hidden_states": LoopedMoeDecoderLayer,
+        "attentions": OutputRecorder(LoopedMoeAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, LoopedMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, LoopedMoeTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LoopedMoeRMSNorm):
+            init.ones_(module.weight)
+
+
+class LoopedMoeModel(LoopedMoePreTrainedModel):
+    """The decoder: prelude, loop block x `num_loops`, coda, final norm. Expert banks are owned here."""
+
+    def __init__(self, config: LoopedMoeConfig):
+        super().__init__(config)
+        config.validate_looped_moe()  # fields may have been overridden after the config was built
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [LoopedMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_unique_layers)]
+        )
+        self.bank_map = config.expert_bank_map()
+        self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
+        self.norm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LoopedMoeRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def experts_for_layer(self, layer_idx: int) -> LoopedMoeExperts | None:
+        """The expert bank used by unique layer `layer_idx` (`None` for dense layers)."""
+        bank_idx = self.bank_map.get(layer_idx)
+        return None if bank_idx is None else self.expert_banks[bank_idx]
+
+    def run_depth_step(self, hidden_states: torch.Tensor, depth_step: int, **layer_kwargs) -> torch.Tensor:
+        """Apply depth step `depth_step` of the schedule, writing cache slot `depth_step`."""
+        layer_idx, loop_idx = self.config.depth_schedule()[depth_step]
+        return self.layers[layer_idx](
+            hidden_states,
+            cache_idx=depth_step,
+            experts=self.experts_for_layer(layer_idx),
+            loop_idx=loop_idx,
+            **layer_kwargs,
+        )
+
+    def loop_boundaries(self) -> list[int]:
+        """Depth step index (exclusive end) at which each loop finishes."""
+        start = self.config.num_prelude_layers
+        return [start + (k + 1) * self.config.num_loop_layers for k in range(self.config.num_loops)]
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_loop_hidden_states: bool = False,
+        **kwargs,
+    ) -> LoopedMoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        boundaries = set(self.loop_boundaries())
+        loop_hidden_states = []
+        for depth_step in range(self.config.num_hidden_layers):
+            hidden_states = self.run_depth_step(
+                hidden_states,
+                depth_step,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+            if output_loop_hidden_states and depth_step + 1 in boundaries:
+                loop_hidden_states.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        return LoopedMoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            loop_hidden_states=tuple(loop_hidden_states) if output_loop_hidden_states else None,
+        )
+
+
+class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: LoopedMoeConfig):
+        super().__init__(config)
+        self.model = LoopedMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _router_losses_needed(self, labels: torch.Tensor | None) -> bool:
+        coefficients = self.config.router_aux_loss_coef + self.config.router_z_loss_coef
+        return labels is not None and self.config.num_experts > 0 and coefficients > 0
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LoopedMoeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the language-modelling loss (shifted inside); -100 is ignored. With labels, the
+            load-balancing and z losses of every MoE depth step are averaged and added with their coefficients.
+        output_router_logits (`bool`, *optional*):
+            Return the router logits of every MoE depth step.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            Compute logits only for the last `logits_to_keep` positions (0 keeps all).
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        record_router_logits = output_router_logits or self._router_losses_needed(labels)
+        outputs: LoopedMoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=record_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = z_loss = None
+        if record_router_logits and outputs.router_logits:
+            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, self.config.num_experts_per_tok, self.config.router_scoring, token_mask
+            )
+            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+
+        return LoopedMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if record_router_logits else None,
+            loop_hidden_states=outputs.loop_hidden_states,
+        )
+
+
+__all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]
