@@ -1,0 +1,42 @@
+"""Shared fixtures: small random configs, deterministic seeds, fp32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
+from modeling_looped_moe import LoopedMoeConfig
+
+
+def small_config(**overrides) -> LoopedMoeConfig:
+    """A small looped, tied MoE config; override any field."""
+    fields = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        qk_norm="head",
+        num_prelude_layers=1,
+        num_loop_layers=2,
+        num_loops=2,
+        num_coda_layers=1,
+        intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        router_z_loss_coef=1e-3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return LoopedMoeConfig(**fields)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
