@@ -44,6 +44,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         rope_parameters (`dict`, *optional*): RoPE parameters, as in the `transformers` models.
         attention_bias (`bool`, defaults to `False`): Bias on the q/k/v/o projections.
+        qkv_bias (`bool`, *optional*): Bias on the q/k/v projections only (Qwen2-MoE); defaults to `attention_bias`.
         attention_dropout (`float`, defaults to 0.0): Dropout on attention probabilities.
         qk_norm (`str`, defaults to `"none"`): `"none"` (Mixtral), `"head"` (RMSNorm per head, Qwen3-MoE) or
             `"full"` (RMSNorm over the whole q and k projections, OLMoE).
@@ -90,6 +91,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_parameters: dict | None = None,
         attention_bias: bool = False,
+        qkv_bias: bool | None = None,
         attention_dropout: float = 0.0,
         qk_norm: str = "none",
         num_prelude_layers: int = 0,
@@ -135,6 +137,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_parameters = rope_parameters if rope_parameters is not None else {"rope_type": "default"}
         self.attention_bias = attention_bias
+        self.qkv_bias = attention_bias if qkv_bias is None else qkv_bias
         self.attention_dropout = attention_dropout
         self.qk_norm = qk_norm
         self.num_prelude_layers = num_prelude_layers
@@ -314,8 +317,10 @@ class LoopedMoeConfig(PreTrainedConfig):
         hidden, q_width, kv_width = self.hidden_size, self.num_attention_heads * self.head_dim, \
             self.num_key_value_heads * self.head_dim
         params = 2 * hidden * q_width + 2 * hidden * kv_width
+        if self.qkv_bias:
+            params += q_width + 2 * kv_width
         if self.attention_bias:
-            params += q_width + 2 * kv_width + hidden
+            params += hidden
         if self.qk_norm == "head":
             params += 2 * self.head_dim
         elif self.qk_norm == "full":

@@ -76,9 +76,9 @@ class LoopedMoeAttention(nn.Module):
         self.is_causal = True
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
         self.qk_norm = config.qk_norm
         if self.qk_norm == "head":  # Qwen3-MoE: one norm over each head
