@@ -59,6 +59,18 @@ def prompt(batch_size: int = 2, length: int = PROMPT_LEN, seed: int = 1) -> torc
     return torch.randint(3, 96, (batch_size, length), generator=generator)
 
 
+def bank_calls(model: LoopedMoeForCausalLM, input_ids: torch.Tensor) -> list[int]:
+    """Indices of the expert banks called, in order, during one forward of `model` (recorded by hooks)."""
+    calls, banks = [], model.model.expert_banks
+    hooks = [bank.register_forward_hook(lambda module, args, output, idx=idx: calls.append(idx))
+             for idx, bank in enumerate(banks)]
+    with torch.no_grad():
+        model(input_ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
 def copy_into(target: LoopedMoeForCausalLM, source: LoopedMoeForCausalLM, source_key) -> None:
     """Load into `target` a copy of `source`'s tensors, `source_key(target_key)` naming each source tensor."""
     state = source.state_dict()
@@ -116,9 +128,10 @@ def test_looped_model_equals_unrolled_twin(per_loop_router):
         twin_logits = twin(input_ids, use_cache=False).logits
         # The loop count matters: the same weights with one loop fewer give other logits.
         shorter = build(**{**overrides, "num_loops": 2})
-        copy_into(shorter, looped, lambda key: re.sub(r"mlp\.gate\.(\d)\.", r"mlp.gate.\1.", key))
+        copy_into(shorter, looped, lambda key: key)
         shorter_logits = shorter(input_ids, use_cache=False).logits
     assert torch.equal(looped_logits, twin_logits)
+    assert bank_calls(looped, input_ids) == [layer for layer, _ in looped.config.depth_schedule()]
     assert (looped_logits - shorter_logits).abs().max() > 1e-2
 
 
@@ -137,6 +150,10 @@ def test_expert_tying_equals_duplicated_banks():
         return key
 
     copy_into(untied, tied, source_key)
+    # Each depth step calls the bank its layer is tied to (the equality below alone cannot see a model that
+    # ignores the bank map, since the twin would ignore it the same way).
+    assert bank_calls(tied, prompt()) == [tied_map[layer] for layer, _ in tied.config.depth_schedule()]
+    assert bank_calls(untied, prompt()) == [layer for layer, _ in untied.config.depth_schedule()]
     input_ids = prompt(length=12)
     with torch.no_grad():
         assert torch.equal(tied(input_ids, use_cache=False).logits, untied(input_ids, use_cache=False).logits)
