@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +13,6 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeRMSNorm,
@@ -29,6 +26,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_looped_moe import LoopedMoeConfig
 from .losses_looped_moe import load_balancing_loss, router_z_loss
+from .moe_looped_moe import LoopedMoeMLP, LoopedMoeSparseMoeBlock, LoopedMoeTopKRouter
+from .outputs_looped_moe import LoopedMoeCausalLMOutputWithPast, LoopedMoeModelOutputWithPast
 
 
 class LoopedMoeRMSNorm(Qwen3MoeRMSNorm):
@@ -37,29 +36,6 @@ class LoopedMoeRMSNorm(Qwen3MoeRMSNorm):
 
 class LoopedMoeRotaryEmbedding(Qwen3MoeRotaryEmbedding):
     """Rotary position embedding; every depth step of one forward shares the same cos/sin."""
-
-
-@dataclass
-class LoopedMoeModelOutputWithPast(MoeModelOutputWithPast):
-    r"""
-    loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Hidden state (before the final norm) at the end of every loop, returned with `output_loop_hidden_states=True`.
-    """
-
-    loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class LoopedMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    r"""
-    z_loss (`torch.FloatTensor`, *optional*):
-        Router z-loss averaged over the MoE depth steps.
-    loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Hidden state (before the final norm) at the end of every loop.
-    """
-
-    z_loss: torch.FloatTensor | None = None
-    loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class LoopedMoeAttention(nn.Module):
@@ -138,20 +114,6 @@ class LoopedMoeAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
-class LoopedMoeMLP(nn.Module):
-    """Gated MLP used for dense layers and shared experts."""
-
-    def __init__(self, config: LoopedMoeConfig, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-
-
 @use_experts_implementation
 class LoopedMoeExperts(nn.Module):
     """One expert bank: routed experts stored as fused 3D tensors, owned once and used by every layer tied to it."""
@@ -181,66 +143,6 @@ class LoopedMoeExperts(nn.Module):
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
-
-
-class LoopedMoeTopKRouter(nn.Module):
-    """Top-k router over softmax or sigmoid scores; returns (logits, top-k weights, top-k indices)."""
-
-    def __init__(self, config: LoopedMoeConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.scoring = config.router_scoring
-        self.hidden_dim = config.hidden_size
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states, self.weight)
-        if self.scoring == "softmax":
-            router_scores = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        else:
-            router_scores = torch.sigmoid(router_logits.float())
-        top_values, top_indices = torch.topk(router_scores, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-        return router_logits, top_values.to(router_logits.dtype), top_indices
-
-
-class LoopedMoeSparseMoeBlock(nn.Module):
-    """Routers (one, or one per loop) and optional shared experts; the routed experts come from a bank."""
-
-    def __init__(self, config: LoopedMoeConfig, layer_idx: int):
-        super().__init__()
-        num_routers = config.num_routers(layer_idx)
-        if num_routers == 1:
-            self.gate = LoopedMoeTopKRouter(config)
-        else:
-            self.gate = nn.ModuleList([LoopedMoeTopKRouter(config) for _ in range(num_routers)])
-        self.shared_expert = None
-        self.shared_expert_gate = None
-        if config.num_shared_experts > 0:
-            width = config.num_shared_experts * config.shared_expert_intermediate_size
-            self.shared_expert = LoopedMoeMLP(config, intermediate_size=width)
-            if config.shared_expert_gate:
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
-
-    def router(self, loop_idx: int) -> LoopedMoeTopKRouter:
-        """The router used in loop `loop_idx`."""
-        return self.gate[loop_idx] if isinstance(self.gate, nn.ModuleList) else self.gate
-
-    def forward(self, hidden_states: torch.Tensor, experts: LoopedMoeExperts, loop_idx: int = 0) -> torch.Tensor:
-        batch_size, sequence_length, hidden_dim = hidden_states.shape
-        flat_states = hidden_states.reshape(-1, hidden_dim)
-        _, routing_weights, selected_experts = self.router(loop_idx)(flat_states)
-        output = experts(flat_states, selected_experts, routing_weights)
-        if self.shared_expert is not None:
-            shared_output = self.shared_expert(flat_states)
-            if self.shared_expert_gate is not None:
-                shared_output = torch.sigmoid(self.shared_expert_gate(flat_states)) * shared_output
-            output = output + shared_output
-        return output.reshape(batch_size, sequence_length, hidden_dim)
 
 
 class LoopedMoeDecoderLayer(GradientCheckpointingLayer):

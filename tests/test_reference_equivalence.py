@@ -4,11 +4,13 @@ A `LoopedMoeForCausalLM` with one loop over all its unique layers (`num_prelude_
 `num_coda_layers=0`) and no expert tying is an ordinary MoE decoder. With the reference model's weights copied in,
 it must reproduce the reference logits (fp32, atol 1e-5) and greedy generations exactly.
 
-Qwen2-MoE is tested with `qkv_bias=False`: the reference puts a bias on q/k/v but never on o_proj, while our
-`attention_bias` switches the bias on all four projections, so the default Qwen2-MoE attention is not expressible.
+Attention biases: Qwen3-MoE and OLMoE switch a bias on all four projections (`attention_bias`); Qwen2-MoE has one on
+q/k/v only (`qkv_bias=True`, no o_proj bias), which our `qkv_bias` expresses exactly.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -76,13 +78,27 @@ REFERENCE_CASES = {
         OlmoeConfig(**COMMON, num_experts=4, intermediate_size=16, norm_topk_prob=False),
         dict(qk_norm="full"),
     ),
+    "olmoe-attention_bias": (
+        OlmoeForCausalLM,
+        OlmoeConfig(**COMMON, num_experts=4, intermediate_size=16, norm_topk_prob=True, attention_bias=True),
+        dict(qk_norm="full"),
+    ),
     "qwen2_moe": (
         Qwen2MoeForCausalLM,
         Qwen2MoeConfig(**COMMON, num_experts=4, moe_intermediate_size=16, intermediate_size=48,
-                       shared_expert_intermediate_size=24, qkv_bias=False),
+                       shared_expert_intermediate_size=24, qkv_bias=True),
         dict(num_shared_experts=1, shared_expert_intermediate_size=24, shared_expert_gate=True),
     ),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Runs this module on one intra-op thread: the toy matmuls gain nothing from more, and lose a lot on a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def looped_twin_config(reference_config, **extra) -> LoopedMoeConfig:
@@ -108,6 +124,7 @@ def looped_twin_config(reference_config, **extra) -> LoopedMoeConfig:
         rms_norm_eps=ref.rms_norm_eps,
         rope_parameters=dict(ref.rope_parameters),
         attention_bias=getattr(ref, "attention_bias", False),
+        qkv_bias=getattr(ref, "qkv_bias", getattr(ref, "attention_bias", False)),
         num_prelude_layers=0,
         num_loop_layers=ref.num_hidden_layers,
         num_loops=1,
@@ -207,12 +224,15 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_matches_reference_model(case: str, attn_implementation: str):
     """Logits and greedy tokens of the one-loop model equal the reference model's, with and without padding."""
     reference_class, reference_config, extra = REFERENCE_CASES[case]
-    reference = reference_class._from_config(reference_config, attn_implementation=attn_implementation).eval()
+    reference = reference_class._from_config(  # `_from_config` sets the backend on the config: keep ours pristine
+        copy.deepcopy(reference_config), attn_implementation=attn_implementation
+    ).eval()
     randomize_(reference)
     model = LoopedMoeForCausalLM._from_config(
         looped_twin_config(reference_config, **extra), attn_implementation=attn_implementation
     ).eval()
-    copy_reference_weights(reference, model)
+    copy_reference_weights(reference, model)  # strict: a bias (or any tensor) on one side only fails here
+    assert model.config._attn_implementation == reference.config._attn_implementation == attn_implementation
     assert model.config.num_hidden_layers == reference_config.num_hidden_layers
     for layer_idx in getattr(reference_config, "mlp_only_layers", None) or []:
         assert model.model.experts_for_layer(layer_idx) is None  # the dense layer is really dense
@@ -232,16 +252,6 @@ def test_matches_reference_model(case: str, attn_implementation: str):
     torch.testing.assert_close(
         greedy(model, padded_ids, padded_mask), greedy(reference, padded_ids, padded_mask), atol=0, rtol=0
     )
-
-
-def test_qwen2_moe_attention_bias_layout_is_not_expressible():
-    """Documents why Qwen2-MoE is compared with `qkv_bias=False`: our bias switch also covers o_proj."""
-    reference = Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, num_experts=4, moe_intermediate_size=16,
-                                                   intermediate_size=48, shared_expert_intermediate_size=24))
-    attention = reference.model.layers[0].self_attn
-    assert attention.q_proj.bias is not None and attention.o_proj.bias is None
-    ours = LoopedMoeForCausalLM(small_config(attention_bias=True)).model.layers[0].self_attn
-    assert (ours.q_proj.bias is None) == (ours.o_proj.bias is None)
 
 
 LOOPED_CONFIGS = {
@@ -264,6 +274,8 @@ def test_left_padding_matches_unpadded_rows(overrides: dict, attn_implementation
     """A left-padded batch gives each row's unpadded logits (real positions) and greedy tokens."""
     model = build_looped(overrides, attn_implementation)
     assert model.config.num_loops > 1
+    if overrides:  # the tied variant really shares banks between layers
+        assert model.config.num_expert_banks < len(model.config.moe_layers)
     lengths = [10, 6, 3]
     input_ids, attention_mask = random_batch(model.config.vocab_size, lengths)
     batch_logits = model(
@@ -289,7 +301,7 @@ def test_left_padding_matches_unpadded_rows(overrides: dict, attn_implementation
 def test_eager_and_sdpa_agree_with_padding(overrides: dict):
     """Eager and SDPA attention give the same logits at real positions of a left-padded batch."""
     eager = build_looped(overrides, "eager")
-    sdpa = LoopedMoeForCausalLM._from_config(eager.config, attn_implementation="sdpa").eval()
+    sdpa = LoopedMoeForCausalLM._from_config(copy.deepcopy(eager.config), attn_implementation="sdpa").eval()
     sdpa.load_state_dict(eager.state_dict(), strict=True)
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
 
