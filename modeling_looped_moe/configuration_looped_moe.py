@@ -9,6 +9,8 @@ from transformers import PreTrainedConfig
 
 QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
+EXIT_CRITERIA = ("entropy", "confidence", "kl")
+EXIT_KV_POLICIES = ("propagate", "copy")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -74,6 +76,18 @@ class LoopedMoeConfig(PreTrainedConfig):
         per_loop_router (`bool`, defaults to `False`): Give each loop its own router in the loop block.
         tie_word_embeddings (`bool`, defaults to `False`): Share the input embedding with the LM head.
         initializer_range (`float`, defaults to 0.02): Standard deviation of the weight initialisation.
+        exit_loop (`int`, *optional*): Run loops 1..`exit_loop` only, then the coda, final norm and head
+            (static early exit); `None` runs every loop.
+        loop_loss_weights (`list[float]`, *optional*): One weight per loop; with labels the loss becomes
+            `sum_k w_k * CE(logits at loop k's exit)` (deep supervision; the last weight scales the ordinary loss).
+        exit_criterion (`str`, *optional*): Adaptive per-token exit at loop boundaries during decoding:
+            `"entropy"` (exit when the exit distribution's entropy in nats is <= `exit_threshold`), `"confidence"`
+            (exit when its top probability is >= `exit_threshold`) or `"kl"` (exit when KL(p_k || p_{k-1}) between
+            successive loop outputs is <= `exit_threshold`).
+        exit_threshold (`float`, *optional*): Threshold of `exit_criterion`.
+        exit_kv_policy (`str`, defaults to `"propagate"`): Keys/values written for the loops a token skipped:
+            `"propagate"` projects the exit hidden state through each skipped layer's norm and K/V projections;
+            `"copy"` reuses the token's keys/values from the same layer in its last computed loop.
     """
 
     model_type = "looped_moe"
@@ -117,6 +131,11 @@ class LoopedMoeConfig(PreTrainedConfig):
         per_loop_router: bool = False,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
+        exit_loop: int | None = None,
+        loop_loss_weights: list[float] | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        exit_kv_policy: str = "propagate",
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -164,6 +183,11 @@ class LoopedMoeConfig(PreTrainedConfig):
         self.num_untied_last_layers = num_untied_last_layers
         self.per_loop_router = per_loop_router
         self.initializer_range = initializer_range
+        self.exit_loop = exit_loop
+        self.loop_loss_weights = list(loop_loss_weights) if loop_loss_weights is not None else None
+        self.exit_criterion = exit_criterion
+        self.exit_threshold = exit_threshold
+        self.exit_kv_policy = exit_kv_policy
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
         self.pad_token_id = pad_token_id
@@ -295,6 +319,23 @@ class LoopedMoeConfig(PreTrainedConfig):
         _require(not (self.shared_expert_gate and self.num_shared_experts == 0), "shared_expert_gate",
                  "needs num_shared_experts >= 1")
         self._validate_tying()
+        self._validate_exit()
+
+    def _validate_exit(self) -> None:
+        if self.exit_loop is not None:
+            _require(_is_int(self.exit_loop) and 1 <= self.exit_loop <= self.num_loops, "exit_loop",
+                     f"must be an integer in 1..num_loops ({self.num_loops}) or None, got {self.exit_loop!r}")
+        if self.loop_loss_weights is not None:
+            weights = self.loop_loss_weights
+            _require(len(weights) == self.num_loops and all(isinstance(w, (int, float)) and w >= 0 for w in weights),
+                     "loop_loss_weights", f"must hold num_loops ({self.num_loops}) weights >= 0, got {weights!r}")
+        if self.exit_criterion is not None:
+            _require(self.exit_criterion in EXIT_CRITERIA, "exit_criterion",
+                     f"must be one of {EXIT_CRITERIA} or None, got {self.exit_criterion!r}")
+            _require(isinstance(self.exit_threshold, (int, float)) and not isinstance(self.exit_threshold, bool),
+                     "exit_threshold", f"must be a number when exit_criterion is set, got {self.exit_threshold!r}")
+        _require(self.exit_kv_policy in EXIT_KV_POLICIES, "exit_kv_policy",
+                 f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
 
     def _validate_tying(self) -> None:
         num_moe = len(self.moe_layers) if self.num_experts > 0 else 0

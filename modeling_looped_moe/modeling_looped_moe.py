@@ -209,6 +209,19 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(LoopedMoeAttention, index=1),
     }
 
+    def _activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        # Reentrant checkpointing runs layers under no_grad, so hook-recorded router logits (and the router losses
+        # built from them) would silently stop training the model.
+        if kwargs["use_reentrant"] and self.config.num_experts > 0:
+            raise ValueError(
+                "LoopedMoe models need use_reentrant=False activation checkpointing: the reentrant variant drops "
+                "the router-loss gradients"
+            )
+        super()._activation_checkpointing_enable(kwargs, every_n_layers, offload)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -9,6 +9,10 @@ import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
 from modeling_looped_moe import LoopedMoeConfig
 
 
+# Tiny models run faster on one thread than on two contended ones, and results do not depend on timing.
+torch.set_num_threads(1)
+
+
 def small_config(**overrides) -> LoopedMoeConfig:
     """A small looped, tied MoE config; override any field."""
     fields = dict(
