@@ -193,8 +193,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.validate_looped_moe(head_dim_given=head_dim is not None)
         super().__init__(**kwargs)
-        self.validate_looped_moe()
         if stored_depth is not None and stored_depth != self.num_hidden_layers:
             raise ValueError(
                 f"LoopedMoeConfig.num_hidden_layers: {stored_depth} contradicts the depth schedule "
@@ -270,7 +270,7 @@ class LoopedMoeConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------------
     # Validation
     # ----------------------------------------------------------------------------------------------------------
-    def validate_looped_moe(self) -> None:
+    def validate_looped_moe(self, head_dim_given: bool = True) -> None:
         """Raise a `ValueError` naming the field for every impossible combination of settings."""
         for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                       "max_position_embeddings", "num_loop_layers", "num_loops", "intermediate_size",
@@ -281,7 +281,7 @@ class LoopedMoeConfig(PreTrainedConfig):
                       "num_untied_first_layers", "num_untied_last_layers"):
             value = getattr(self, field)
             _require(_is_int(value) and value >= 0, field, f"must be an integer >= 0, got {value!r}")
-        _require(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None,
+        _require(head_dim_given or self.hidden_size % self.num_attention_heads == 0,
                  "num_attention_heads", "must divide hidden_size when head_dim is not given")
         _require(_is_int(self.head_dim) and self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
                  f"must be an even integer >= 2 (RoPE rotates pairs), got {self.head_dim!r}")
@@ -342,7 +342,9 @@ class LoopedMoeConfig(PreTrainedConfig):
         anchors = self.num_untied_first_layers + self.num_untied_last_layers
         if self.expert_tying_group_size == 1 and anchors == 0:
             return
-        _require(self.num_experts > 0, "expert_tying_group_size", "expert tying needs num_experts >= 1")
+        field = "expert_tying_group_size" if self.expert_tying_group_size > 1 else (
+            "num_untied_first_layers" if self.num_untied_first_layers else "num_untied_last_layers")
+        _require(self.num_experts > 0, field, "expert tying needs num_experts >= 1")
         _require(anchors <= num_moe, "num_untied_first_layers",
                  f"untied anchors ({self.num_untied_first_layers} + {self.num_untied_last_layers}) exceed the "
                  f"{num_moe} MoE layers")
@@ -423,7 +425,12 @@ class LoopedMoeConfig(PreTrainedConfig):
             context_length (`int`, defaults to 2048): Number of keys each query attends to (the usual
                 non-causal-discounted convention, `4 * heads * head_dim * context` per depth step).
         """
+        q_width, kv_width = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        elementwise = 2 * self.hidden_size  # input and post-attention RMSNorm scales
+        elementwise += {"none": 0, "head": 2 * self.head_dim, "full": q_width + kv_width}[self.qk_norm]
+        elementwise += (q_width + 2 * kv_width if self.qkv_bias else 0) + (self.hidden_size if self.attention_bias else 0)
         matmul = self.num_active_parameters(count_loops=True) - self.vocab_size * self.hidden_size
+        matmul -= self.num_hidden_layers * elementwise + self.hidden_size  # ... and the final norm
         if self.tie_word_embeddings:  # the tied embedding is still applied as the head
             matmul += self.vocab_size * self.hidden_size
         attention = 4 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * context_length

@@ -17,17 +17,34 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeRMSNorm,
     Qwen3MoeRotaryEmbedding,
-    apply_rotary_pos_emb,
     eager_attention_forward,
+    rotate_half,
 )
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_looped_moe import LoopedMoeConfig
+from .early_exit_looped_moe import (
+    AdaptiveExit,
+    StagedCacheView,
+    adaptive_decode_step,
+    adaptive_prefill,
+    depth_steps_used,
+    generate_with_exit_trace,
+    no_output_capture,
+    record_exit_trace,
+    validate_adaptive_exit,
+)
 from .losses_looped_moe import load_balancing_loss, router_z_loss
 from .moe_looped_moe import LoopedMoeMLP, LoopedMoeSparseMoeBlock, LoopedMoeTopKRouter
 from .outputs_looped_moe import LoopedMoeCausalLMOutputWithPast, LoopedMoeModelOutputWithPast
+
+
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `[batch, heads, seq, head_dim]` states (cos/sin are `[batch, seq, head_dim]`)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (states * cos) + (rotate_half(states) * sin)
 
 
 class LoopedMoeRMSNorm(Qwen3MoeRMSNorm):
@@ -64,6 +81,24 @@ class LoopedMoeAttention(nn.Module):
             self.q_norm = LoopedMoeRMSNorm(q_width, eps=config.rms_norm_eps)
             self.k_norm = LoopedMoeRMSNorm(kv_width, eps=config.rms_norm_eps)
 
+    def project_key_value(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values `[batch, kv_heads, seq, head_dim]` of already-normed hidden states.
+
+        Early exit uses this alone to fill the cache slots of loops a token skipped.
+        """
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states)
+        if self.qk_norm == "full":
+            key_states = self.k_norm(key_states)
+        key_states = key_states.view(hidden_shape)
+        if self.qk_norm == "head":
+            key_states = self.k_norm(key_states)
+        key_states = key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        return apply_rotary(key_states, *position_embeddings), value_states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -74,23 +109,14 @@ class LoopedMoeAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
         query_states = self.q_proj(hidden_states)
-        key_states = self.k_proj(hidden_states)
-        value_states = self.v_proj(hidden_states)
         if self.qk_norm == "full":
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states = query_states.view(hidden_shape)
-        key_states = key_states.view(hidden_shape)
+            query_states = self.q_norm(query_states)
+        query_states = query_states.view(*input_shape, -1, self.head_dim)
         if self.qk_norm == "head":
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states = query_states.transpose(1, 2)
-        key_states = key_states.transpose(1, 2)
-        value_states = value_states.view(hidden_shape).transpose(1, 2)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            query_states = self.q_norm(query_states)
+        query_states = apply_rotary(query_states.transpose(1, 2), *position_embeddings)
+        key_states, value_states = self.project_key_value(hidden_states, position_embeddings)
 
         if past_key_values is not None:
             if cache_idx is None:
@@ -222,6 +248,16 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
             )
         super()._activation_checkpointing_enable(kwargs, every_n_layers, offload)
 
+    def _grouped_mm_can_dispatch(self) -> bool:
+        """`grouped_mm` needs 16-byte aligned expert rows; otherwise the default falls back to `eager`."""
+        super()._grouped_mm_can_dispatch()
+        if self.config.num_experts > 0 and (self.config.hidden_size % 8 or self.config.moe_intermediate_size % 8):
+            raise ValueError(
+                "experts_implementation='grouped_mm' needs hidden_size and moe_intermediate_size divisible by 8 "
+                f"(16-byte aligned rows), got {self.config.hidden_size} and {self.config.moe_intermediate_size}"
+            )
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -270,10 +306,41 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             **layer_kwargs,
         )
 
-    def loop_boundaries(self) -> list[int]:
-        """Depth step index (exclusive end) at which each loop finishes."""
+    def depth_steps(self, exit_loop: int | None = None) -> list[int]:
+        """Depth steps run when leaving the loop block after loop `exit_loop` (every loop when `None`)."""
+        config = self.config
+        num_loops = config.num_loops if exit_loop is None else exit_loop
+        loop_end = config.num_prelude_layers + num_loops * config.num_loop_layers
+        return list(range(loop_end)) + self.coda_steps()
+
+    def coda_steps(self) -> list[int]:
+        """Depth steps of the coda (their cache slots do not depend on the exit loop)."""
+        config = self.config
+        return list(range(config.num_prelude_layers + config.num_loops * config.num_loop_layers,
+                          config.num_hidden_layers))
+
+    def loop_boundaries(self, exit_loop: int | None = None) -> list[int]:
+        """Depth step index (exclusive end) at which each loop that runs finishes."""
+        num_loops = self.config.num_loops if exit_loop is None else exit_loop
         start = self.config.num_prelude_layers
-        return [start + (k + 1) * self.config.num_loop_layers for k in range(self.config.num_loops)]
+        return [start + (k + 1) * self.config.num_loop_layers for k in range(num_loops)]
+
+    def resolve_exit_loop(self, exit_loop: int | None) -> int:
+        """The loop to exit after: the argument, else `config.exit_loop`, else the last loop; validated."""
+        exit_loop = self.config.exit_loop if exit_loop is None else exit_loop
+        if exit_loop is None:
+            return self.config.num_loops
+        if not isinstance(exit_loop, int) or not 1 <= exit_loop <= self.config.num_loops:
+            raise ValueError(f"exit_loop must be an integer in 1..{self.config.num_loops}, got {exit_loop!r}")
+        return exit_loop
+
+    def exit_hidden_states(self, hidden_states: torch.Tensor, past_key_values: Cache | None, **layer_kwargs):
+        """Coda and final norm applied to a loop-boundary state, reading the cache without writing it."""
+        view = StagedCacheView(past_key_values) if past_key_values is not None else None
+        with no_output_capture():
+            for step in self.coda_steps():
+                hidden_states = self.run_depth_step(hidden_states, step, past_key_values=view, **layer_kwargs)
+        return self.norm(hidden_states)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -285,11 +352,27 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        exit_loop: int | None = None,
         output_loop_hidden_states: bool = False,
+        output_loop_exit_states: bool = False,
+        adaptive_exit: AdaptiveExit | None = None,
         **kwargs,
     ) -> LoopedMoeModelOutputWithPast:
+        r"""
+        exit_loop (`int`, *optional*):
+            Leave the loop block after this loop (static early exit); defaults to `config.exit_loop` (all loops).
+        output_loop_hidden_states (`bool`, defaults to `False`):
+            Return the hidden state at the end of every loop that runs (before coda and final norm).
+        output_loop_exit_states (`bool`, defaults to `False`):
+            Return, for every loop that runs, the state an exit there feeds to the head (coda and final norm
+            applied; the coda of earlier exits reads the cache without writing it).
+        adaptive_exit (`AdaptiveExit`, *optional*):
+            Per-token adaptive exit (see `early_exit_looped_moe`): a one-token decode step with a filled cache
+            compacts the rows still looping; other inputs run every loop with per-position exits.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        exit_loop = self.resolve_exit_loop(exit_loop)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if inputs_embeds is None:
@@ -308,25 +391,41 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        boundaries = set(self.loop_boundaries())
-        loop_hidden_states = []
-        for depth_step in range(self.config.num_hidden_layers):
-            hidden_states = self.run_depth_step(
-                hidden_states,
-                depth_step,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-                **kwargs,
+        layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
+                            position_ids=position_ids, **kwargs)
+        if adaptive_exit is not None:
+            if hidden_states.shape[1] == 1 and past_key_values is not None and past_key_values.get_seq_length() > 0:
+                with no_output_capture():
+                    exit_logits, exit_loops = adaptive_decode_step(
+                        self, hidden_states, causal_mask, position_embeddings, past_key_values, adaptive_exit
+                    )
+                exit_loops = exit_loops[:, None]
+            else:
+                exit_logits, exit_loops = adaptive_prefill(self, hidden_states, past_key_values, adaptive_exit,
+                                                           **layer_kwargs)
+            return LoopedMoeModelOutputWithPast(
+                past_key_values=past_key_values, exit_logits=exit_logits, exit_loops=exit_loops
             )
-            if output_loop_hidden_states and depth_step + 1 in boundaries:
-                loop_hidden_states.append(hidden_states)
+
+        boundaries = self.loop_boundaries(exit_loop)
+        loop_hidden_states, loop_exit_states = [], []
+        for depth_step in self.depth_steps(exit_loop):
+            hidden_states = self.run_depth_step(
+                hidden_states, depth_step, past_key_values=past_key_values, **layer_kwargs
+            )
+            if depth_step + 1 in boundaries:
+                if output_loop_hidden_states:
+                    loop_hidden_states.append(hidden_states)
+                if output_loop_exit_states and depth_step + 1 != boundaries[-1]:
+                    loop_exit_states.append(self.exit_hidden_states(hidden_states, past_key_values, **layer_kwargs))
         hidden_states = self.norm(hidden_states)
+        if output_loop_exit_states:
+            loop_exit_states.append(hidden_states)
         return LoopedMoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
             loop_hidden_states=tuple(loop_hidden_states) if output_loop_hidden_states else None,
+            loop_exit_states=tuple(loop_exit_states) if output_loop_exit_states else None,
         )
 
 
@@ -346,6 +445,20 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         coefficients = self.config.router_aux_loss_coef + self.config.router_z_loss_coef
         return labels is not None and self.config.num_experts > 0 and coefficients > 0
 
+    def _adaptive_exit(self, criterion, threshold, kv_policy, exit_loop) -> AdaptiveExit | None:
+        criterion = criterion if criterion is not None else self.config.exit_criterion
+        if criterion is None:
+            return None
+        settings = AdaptiveExit(
+            criterion=criterion,
+            threshold=threshold if threshold is not None else self.config.exit_threshold,
+            kv_policy=kv_policy if kv_policy is not None else self.config.exit_kv_policy,
+            lm_head=self.lm_head,
+            max_loop=self.model.resolve_exit_loop(exit_loop),
+        )
+        validate_adaptive_exit(settings)
+        return settings
+
     @can_return_tuple
     def forward(
         self,
@@ -358,21 +471,53 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        exit_loop: int | None = None,
+        output_loop_logits: bool = False,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        exit_kv_policy: str | None = None,
         **kwargs,
     ) -> LoopedMoeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the language-modelling loss (shifted inside); -100 is ignored. With labels, the
-            load-balancing and z losses of every MoE depth step are averaged and added with their coefficients.
+            load-balancing and z losses of every MoE depth step are averaged and added with their coefficients, and
+            `config.loop_loss_weights` (if set) turns the loss into a weighted sum over loop exits.
         output_router_logits (`bool`, *optional*):
             Return the router logits of every MoE depth step.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits only for the last `logits_to_keep` positions (0 keeps all).
+        exit_loop (`int`, *optional*):
+            Static early exit: run loops 1..`exit_loop` only (defaults to `config.exit_loop`).
+        output_loop_logits (`bool`, defaults to `False`):
+            Return the logits at every loop boundary (`loop_logits`).
+        exit_criterion, exit_threshold, exit_kv_policy (*optional*):
+            Adaptive per-token exit (defaults from the config); see `LoopedMoeConfig`.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         record_router_logits = output_router_logits or self._router_losses_needed(labels)
+        adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop)
+        query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        is_decode_step = past_key_values is not None and query_length == 1 and past_key_values.get_seq_length() > 0
+        if adaptive is not None and labels is None:
+            outputs = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                adaptive_exit=adaptive, **kwargs,
+            )
+            last_loops = outputs.exit_loops[:, -1]
+            steps = depth_steps_used(self.config, last_loops, adaptive=True) if is_decode_step else None
+            record_exit_trace(self, last_loops[:, None], steps)
+            return LoopedMoeCausalLMOutputWithPast(
+                logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
+                past_key_values=outputs.past_key_values,
+                exit_loops=outputs.exit_loops,
+            )
+
+        weights = self.config.loop_loss_weights if labels is not None else None
+        need_loop_logits = output_loop_logits or weights is not None
         outputs: LoopedMoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -381,14 +526,29 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=record_router_logits,
+            exit_loop=exit_loop,
+            output_loop_exit_states=need_loop_logits,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
+        loop_logits = None
+        if need_loop_logits:
+            loop_logits = tuple(self.lm_head(slice_logits_to_keep(state, logits_to_keep))
+                                for state in outputs.loop_exit_states[:-1]) + (logits,)
+        if exit_loop is not None or self.config.exit_loop is not None:
+            static_loops = torch.full((logits.shape[0],), self.model.resolve_exit_loop(exit_loop))
+            steps = depth_steps_used(self.config, static_loops, adaptive=False) if is_decode_step else None
+            record_exit_trace(self, static_loops[:, None], steps)
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if weights is not None:
+                used = weights[: len(loop_logits)]
+                loss = sum(w * self.loss_function(lg, labels, self.vocab_size, **kwargs)
+                           for w, lg in zip(used, loop_logits) if w > 0)
+            else:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = z_loss = None
         if record_router_logits and outputs.router_logits:
@@ -411,7 +571,18 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if record_router_logits else None,
             loop_hidden_states=outputs.loop_hidden_states,
+            loop_logits=loop_logits if output_loop_logits else None,
         )
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, recording per generated token the loops used under early exit.
+
+        After the call, `model.last_exit_stats` holds `exit_loops` (`[batch, new_tokens]`, loops counted from 1) and
+        `compute_saved` (the fraction of depth-step applications the decode steps skipped, measured on the rows
+        actually computed); with `return_dict_in_generate=True` the output carries both too. Beam search reorders
+        rows, so its per-row trace follows the beams' slots, not the returned sequences.
+        """
+        return generate_with_exit_trace(self, super().generate, *args, **kwargs)
 
 
 __all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]

@@ -13,9 +13,18 @@ class LoopedMoeModelOutputWithPast(MoeModelOutputWithPast):
     r"""
     loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden state (before the final norm) at the end of every loop, returned with `output_loop_hidden_states=True`.
+    loop_exit_states (`tuple(torch.FloatTensor)`, *optional*):
+        For every loop that ran, the state an exit there feeds to the LM head (coda and final norm applied).
+    exit_logits (`torch.FloatTensor`, *optional*):
+        Logits `[batch, 1, vocab]` of an adaptive-exit decode step.
+    exit_loops (`torch.LongTensor`, *optional*):
+        Loop (from 1) at which each row of an adaptive-exit decode step exited.
     """
 
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    loop_exit_states: tuple[torch.FloatTensor, ...] | None = None
+    exit_logits: torch.FloatTensor | None = None
+    exit_loops: torch.LongTensor | None = None
 
 
 @dataclass
@@ -25,7 +34,13 @@ class LoopedMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
         Router z-loss averaged over the MoE depth steps.
     loop_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden state (before the final norm) at the end of every loop.
+    loop_logits (`tuple(torch.FloatTensor)`, *optional*):
+        Logits at every loop boundary that ran (what exiting there would output), with `output_loop_logits=True`.
+    exit_loops (`torch.LongTensor`, *optional*):
+        With an exit criterion: the loop (from 1) each position exited at, `[batch, seq]`.
     """
 
     z_loss: torch.FloatTensor | None = None
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    loop_logits: tuple[torch.FloatTensor, ...] | None = None
+    exit_loops: torch.LongTensor | None = None

@@ -1,0 +1,394 @@
+"""Early exit at loop boundaries: exit criteria, cache views, and the compacting adaptive decode step.
+
+Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
+- Prompt tokens (any forward with more than one new token, or without a cache) run every loop; the exit of the
+  position that produces a token is chosen from its loop-boundary outputs, so the first generated token already
+  exits adaptively.
+- In a decode step (one new token per row, with a cache), each row runs loop after loop and leaves as soon as its
+  criterion fires; the rows still active are gathered into a smaller batch, so an exited row costs no further
+  attention or expert work. At every boundary the active rows are scored through coda, final norm and head.
+- Later tokens attend to every loop's cache slot, so an exited token still writes keys/values there:
+  `exit_kv_policy="propagate"` projects its exit hidden state through each skipped layer's input norm and K/V
+  projections (cheap: no attention, no MLP); `"copy"` reuses the keys/values it wrote in the same layer of the last
+  loop it computed. All new keys/values of a step are staged and written once per cache slot at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+@dataclass
+class AdaptiveExit:
+    """Settings of a per-row adaptive exit decode step.
+
+    Args:
+        criterion: `"entropy"`, `"confidence"` or `"kl"`.
+        threshold: The criterion's threshold.
+        kv_policy: `"propagate"` or `"copy"` (keys/values for skipped loops).
+        lm_head: The output projection used to score every loop boundary.
+    """
+
+    criterion: str
+    threshold: float
+    kv_policy: str
+    lm_head: torch.nn.Module
+    max_loop: int | None = None
+
+
+def validate_adaptive_exit(settings: AdaptiveExit) -> None:
+    """Raise a `ValueError` naming the argument for unusable adaptive-exit settings."""
+    from .configuration_looped_moe import EXIT_CRITERIA, EXIT_KV_POLICIES
+
+    if settings.criterion not in EXIT_CRITERIA:
+        raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {settings.criterion!r}")
+    if not isinstance(settings.threshold, (int, float)) or isinstance(settings.threshold, bool):
+        raise ValueError(f"exit_threshold must be a number when exit_criterion is set, got {settings.threshold!r}")
+    if settings.kv_policy not in EXIT_KV_POLICIES:
+        raise ValueError(f"exit_kv_policy must be one of {EXIT_KV_POLICIES}, got {settings.kv_policy!r}")
+
+
+def depth_steps_used(config, exit_loops: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """Depth-step applications per row for tokens that exited after `exit_loops` loops.
+
+    An adaptive step scores every boundary it reaches, so its coda runs once per loop run; a static exit runs the
+    coda once.
+    """
+    coda_runs = exit_loops if adaptive else torch.ones_like(exit_loops)
+    return config.num_prelude_layers + exit_loops * config.num_loop_layers + coda_runs * config.num_coda_layers
+
+
+def record_exit_trace(model, exit_loops: torch.Tensor, steps_used: torch.Tensor | None) -> None:
+    """Append one generation step's exit loops (and depth steps computed, for decode steps) to the trace."""
+    trace = getattr(model, "_exit_trace", None)
+    if trace is not None:
+        trace.append((exit_loops.detach().cpu(), None if steps_used is None else steps_used.detach().cpu()))
+
+
+def generate_with_exit_trace(model, generate_fn, *args, **kwargs):
+    """Run `generate_fn` while recording exits; store the summary in `model.last_exit_stats` (and the output)."""
+    model._exit_trace = []
+    try:
+        output = generate_fn(*args, **kwargs)
+    finally:
+        trace, model._exit_trace = model._exit_trace, None
+    stats = None
+    if trace:
+        decode = [steps for _, steps in trace if steps is not None]
+        computed = float(sum(steps.sum() for steps in decode)) if decode else 0.0
+        full = float(sum(steps.numel() for steps in decode)) * model.config.num_hidden_layers
+        stats = {
+            "exit_loops": torch.cat([loops for loops, _ in trace], dim=1),
+            "compute_saved": 1.0 - computed / full if full else 0.0,
+            "decode_steps": len(decode),
+        }
+    model.last_exit_stats = stats
+    if stats is not None and hasattr(output, "sequences"):
+        output["exit_loops"] = stats["exit_loops"]
+        output["compute_saved"] = stats["compute_saved"]
+    return output
+
+
+def exit_decision(
+    logits: torch.Tensor, previous_logits: torch.Tensor | None, criterion: str, threshold: float
+) -> torch.Tensor:
+    """Whether each row's exit distribution is good enough to stop looping.
+
+    Args:
+        logits: `[rows, vocab]` logits at the current loop boundary.
+        previous_logits: `[rows, vocab]` logits at the previous boundary (`None` at the first loop).
+        criterion: `"entropy"` (entropy in nats <= threshold), `"confidence"` (top probability >= threshold) or
+            `"kl"` (KL(p_k || p_{k-1}) <= threshold; never fires at the first loop, which has no predecessor).
+        threshold: The criterion's threshold.
+
+    Returns:
+        A boolean tensor `[rows]`.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    if criterion == "entropy":
+        return -(log_probs.exp() * log_probs).sum(-1) <= threshold
+    if criterion == "confidence":
+        return log_probs.max(dim=-1).values.exp() >= threshold
+    if criterion == "kl":
+        if previous_logits is None:
+            return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        previous_log_probs = F.log_softmax(previous_logits.float(), dim=-1)
+        return (log_probs.exp() * (log_probs - previous_log_probs)).sum(-1) <= threshold
+    raise ValueError(f"exit_criterion: unknown criterion {criterion!r}")
+
+
+def _attend_without_writing(layer, rows: torch.Tensor | None, key_states, value_states):
+    """What `layer.update` would return for `rows`, leaving the layer untouched."""
+    if type(layer).update is DynamicLayer.update:  # plain concatenation: no private copy needed
+        keys = layer.keys if rows is None else layer.keys[rows]
+        values = layer.values if rows is None else layer.values[rows]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+    return _layer_view(layer, rows).update(key_states, value_states)
+
+
+def _layer_view(layer, rows: torch.Tensor | None):
+    """A shallow copy of a cache layer whose tensors are private copies (restricted to `rows`)."""
+    view = copy.copy(layer)
+    if getattr(layer, "is_initialized", False) and layer.keys is not None:
+        view.keys = layer.keys[rows] if rows is not None else layer.keys.clone()
+        view.values = layer.values[rows] if rows is not None else layer.values.clone()
+    length = getattr(layer, "cumulative_length", None)
+    if torch.is_tensor(length):
+        view.cumulative_length = length.clone()
+    return view
+
+
+class StagedCacheView:
+    """Attend to a cache without writing it: `update` returns past + new keys/values of the chosen rows.
+
+    The new keys/values are handed to `on_update(layer_idx, key_states, value_states)` (if given) so a caller can
+    stage them and write every slot once, for the full batch, with [`commit_staged`].
+
+    Args:
+        cache: The real cache.
+        rows: Batch rows (indices into the cache's batch) seen through this view; `None` for all rows.
+        on_update: Callback receiving the new keys/values of each slot.
+    """
+
+    def __init__(self, cache: Cache, rows: torch.Tensor | None = None, on_update=None):
+        self.cache = cache
+        self.rows = rows
+        self.on_update = on_update
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.on_update is not None:
+            self.on_update(layer_idx, key_states, value_states)
+        layer = self.cache.layers[layer_idx]
+        if not getattr(layer, "is_initialized", False):
+            return key_states, value_states
+        return _attend_without_writing(layer, self.rows, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(layer_idx)
+
+
+@contextmanager
+def no_output_capture():
+    """Suspend transformers' output recorders (hidden states, router logits) for auxiliary computations."""
+    from transformers.utils.output_capturing import _active_collector
+
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
+def _rows_of(tensor: torch.Tensor | None, rows: torch.Tensor, batch_size: int):
+    """Restrict a batch-first tensor (mask, cos/sin) to `rows`, leaving broadcast tensors as they are."""
+    if tensor is None or tensor.shape[0] != batch_size or batch_size == 1:
+        return tensor
+    return tensor[rows]
+
+
+class _Staging:
+    """Per-slot buffers of the keys/values one decode step writes, filled row group by row group."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def put(self, slot: int, rows: torch.Tensor, batch_size: int, key_states, value_states) -> None:
+        if slot not in self.keys:
+            self.keys[slot] = key_states.new_zeros((batch_size, *key_states.shape[1:]))
+            self.values[slot] = value_states.new_zeros((batch_size, *value_states.shape[1:]))
+        self.keys[slot][rows] = key_states
+        self.values[slot][rows] = value_states
+
+    def commit(self, cache: Cache) -> None:
+        for slot in sorted(self.keys):
+            cache.update(self.keys[slot], self.values[slot], slot)
+
+
+def adaptive_decode_step(
+    model,
+    hidden_states: torch.Tensor,
+    causal_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values: Cache,
+    settings: AdaptiveExit,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step with per-row exits at loop boundaries, compacting the rows that are still looping.
+
+    Args:
+        model: The [`LoopedMoeModel`].
+        hidden_states: `[batch, 1, hidden]` input embeddings.
+        causal_mask: The step's attention mask as built for the full batch.
+        position_embeddings: `(cos, sin)` for the step.
+        past_key_values: The cache; every loop and coda slot receives exactly one write per row.
+        settings: Criterion, threshold, key/value policy and LM head.
+
+    Returns:
+        `(logits [batch, 1, vocab], exit_loops [batch])`.
+    """
+    config = model.config
+    batch_size = hidden_states.shape[0]
+    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
+    num_loops = settings.max_loop or config.num_loops
+    coda_start = prelude + loop_len * config.num_loops
+    cos, sin = position_embeddings
+    shared_kwargs = dict(past_key_values=past_key_values)
+    for step in range(prelude):
+        hidden_states = model.run_depth_step(
+            hidden_states, step, attention_mask=causal_mask, position_embeddings=position_embeddings, **shared_kwargs
+        )
+
+    staging = _Staging()
+    exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=hidden_states.device)
+    final_logits = None
+    active = torch.arange(batch_size, device=hidden_states.device)
+    previous_logits = None
+    states = hidden_states
+    for loop_idx in range(num_loops):
+        rows_mask = _rows_of(causal_mask, active, batch_size)
+        rows_embeddings = (_rows_of(cos, active, batch_size), _rows_of(sin, active, batch_size))
+        current_rows = active
+
+        def stage(slot, key_states, value_states, rows=current_rows):
+            staging.put(slot, rows, batch_size, key_states, value_states)
+
+        view = StagedCacheView(past_key_values, current_rows if len(current_rows) < batch_size else None, stage)
+        for offset in range(loop_len):
+            states = model.run_depth_step(
+                states, prelude + loop_idx * loop_len + offset,
+                attention_mask=rows_mask, position_embeddings=rows_embeddings, past_key_values=view,
+            )
+        coda_staging = _Staging()
+
+        def stage_coda(slot, key_states, value_states, rows=current_rows):
+            coda_staging.put(slot, torch.arange(len(rows), device=rows.device), len(rows), key_states, value_states)
+
+        coda_view = StagedCacheView(past_key_values, view.rows, stage_coda)
+        exit_states = states
+        with no_output_capture():
+            for step in range(coda_start, coda_start + config.num_coda_layers):
+                exit_states = model.run_depth_step(
+                    exit_states, step, attention_mask=rows_mask, position_embeddings=rows_embeddings,
+                    past_key_values=coda_view,
+                )
+            logits = settings.lm_head(model.norm(exit_states))[:, -1]
+        if final_logits is None:
+            final_logits = logits.new_zeros((batch_size, logits.shape[-1]))
+        fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
+        if loop_idx == num_loops - 1:
+            fires = torch.ones_like(fires)
+        exited = active[fires]
+        final_logits[exited] = logits[fires]
+        exit_loops[exited] = loop_idx + 1
+        for slot in coda_staging.keys:
+            staging.put(slot, exited, batch_size, coda_staging.keys[slot][fires], coda_staging.values[slot][fires])
+        if loop_idx < config.num_loops - 1 and len(exited) > 0:
+            _stage_skipped_loops(model, staging, states[fires], exited, loop_idx, settings.kv_policy,
+                                 (_rows_of(cos, exited, batch_size), _rows_of(sin, exited, batch_size)))
+        active, previous_logits, states = active[~fires], logits[~fires], states[~fires]
+        if len(active) == 0:
+            break
+    staging.commit(past_key_values)
+    return final_logits[:, None, :], exit_loops
+
+
+class _KeyValueOverride:
+    """Cache proxy for prompt processing with exits: positions that exited keep policy keys/values.
+
+    `update` replaces the keys/values of exited positions (`copy` policy: the ones they wrote in the same layer of
+    their exit loop), remembers what each loop layer wrote, and forwards to the real cache (if any).
+    """
+
+    def __init__(self, cache: Cache | None, kv_policy: str, loop_offset_of_slot: dict[int, int]):
+        self.cache = cache
+        self.kv_policy = kv_policy
+        self.loop_offset_of_slot = loop_offset_of_slot
+        self.exited: torch.Tensor | None = None  # [batch, seq] bool
+        self.last_written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        offset = self.loop_offset_of_slot.get(layer_idx)
+        if offset is not None:
+            if self.kv_policy == "copy" and self.exited is not None and offset in self.last_written:
+                keep = self.exited[:, None, :, None]
+                previous_keys, previous_values = self.last_written[offset]
+                key_states = torch.where(keep, previous_keys, key_states)
+                value_states = torch.where(keep, previous_values, value_states)
+            self.last_written[offset] = (key_states, value_states)
+        if self.cache is None:
+            return key_states, value_states
+        return self.cache.update(key_states, value_states, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length(layer_idx)
+
+
+def adaptive_prefill(
+    model, hidden_states: torch.Tensor, past_key_values: Cache | None, settings: AdaptiveExit, **layer_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Process several new tokens per row with per-position exits at loop boundaries.
+
+    Every position runs every loop (no compute is saved here), but a position that exited keeps its exit hidden
+    state, so later loops see it, and write for it, exactly the keys/values the decode path writes for an exited
+    token (`propagate`: projections of the frozen state; `copy`: overridden). The coda then runs once, with cache
+    writes, on each position's exit state.
+
+    Returns:
+        `(logits [batch, seq, vocab], exit_loops [batch, seq])`.
+    """
+    config = model.config
+    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
+    num_loops = settings.max_loop or config.num_loops
+    for step in range(prelude):
+        hidden_states = model.run_depth_step(hidden_states, step, past_key_values=past_key_values, **layer_kwargs)
+    slots = {prelude + k * loop_len + offset: offset for k in range(config.num_loops) for offset in range(loop_len)}
+    proxy = _KeyValueOverride(past_key_values, settings.kv_policy, slots)
+    batch, seq = hidden_states.shape[:2]
+    exited = torch.zeros(batch, seq, dtype=torch.bool, device=hidden_states.device)
+    exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
+    previous_logits = None
+    for loop_idx in range(config.num_loops):
+        proxy.exited = exited
+        for offset in range(loop_len):
+            new_states = model.run_depth_step(
+                hidden_states, prelude + loop_idx * loop_len + offset, past_key_values=proxy, **layer_kwargs
+            )
+            hidden_states = torch.where(exited[..., None], hidden_states, new_states)
+        if loop_idx >= num_loops:
+            continue  # loops beyond an exit cap only fill the cache slots
+        logits = settings.lm_head(model.exit_hidden_states(hidden_states, past_key_values, **layer_kwargs))
+        flat = logits.reshape(batch * seq, -1)
+        fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
+        if loop_idx == num_loops - 1:
+            fires = torch.ones_like(fires)
+        fires &= ~exited
+        exit_loops[fires] = loop_idx + 1
+        exited = exited | fires
+        previous_logits = flat
+    for step in model.coda_steps():
+        hidden_states = model.run_depth_step(hidden_states, step, past_key_values=past_key_values, **layer_kwargs)
+    return settings.lm_head(model.norm(hidden_states)), exit_loops
+
+
+def _stage_skipped_loops(model, staging: _Staging, exit_states, rows, exit_loop_idx, kv_policy, position_embeddings):
+    """Keys/values of the loops that `rows` skip, following `kv_policy`."""
+    config = model.config
+    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
+    batch_size = next(iter(staging.keys.values())).shape[0]
+    for offset in range(loop_len):
+        computed_slot = prelude + exit_loop_idx * loop_len + offset
+        layer = model.layers[prelude + offset]
+        if kv_policy == "propagate":
+            key_states, value_states = layer.self_attn.project_key_value(
+                layer.input_layernorm(exit_states), position_embeddings
+            )
+        else:
+            key_states, value_states = staging.keys[computed_slot][rows], staging.values[computed_slot][rows]
+        for later_loop in range(exit_loop_idx + 1, config.num_loops):
+            staging.put(prelude + later_loop * loop_len + offset, rows, batch_size, key_states, value_states)
