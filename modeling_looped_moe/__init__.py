@@ -7,9 +7,13 @@ Importing this package registers `LoopedMoeConfig` with `AutoConfig` and the mod
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_looped_moe import LoopedMoeConfig
-from .modeling_looped_moe import LoopedMoeForCausalLM, LoopedMoeModel, LoopedMoePreTrainedModel
+from .modeling_looped_moe import (
+    LoopedMoeForCausalLM,
+    LoopedMoeModel,
+    LoopedMoePreTrainedModel,
+)
 from .presets import available_presets, load_preset
-
+from .speculative_looped_moe import SelfSpeculativeOutput, self_speculative_generate
 
 AutoConfig.register(LoopedMoeConfig.model_type, LoopedMoeConfig, exist_ok=True)
 AutoModel.register(LoopedMoeConfig, LoopedMoeModel, exist_ok=True)
@@ -27,6 +31,8 @@ __all__ = [
     "LoopedMoeForCausalLM",
     "LoopedMoeModel",
     "LoopedMoePreTrainedModel",
+    "SelfSpeculativeOutput",
     "available_presets",
     "load_preset",
+    "self_speculative_generate",
 ]

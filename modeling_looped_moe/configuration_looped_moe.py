@@ -6,7 +6,6 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-
 QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
 EXIT_CRITERIA = ("entropy", "confidence", "kl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +14,11 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import (
+    ALL_ATTENTION_FUNCTIONS,
+    PreTrainedModel,
+    slice_logits_to_keep,
+)
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeRMSNorm,
     Qwen3MoeRotaryEmbedding,
@@ -38,7 +43,11 @@ from .early_exit_looped_moe import (
 )
 from .losses_looped_moe import load_balancing_loss, router_z_loss
 from .moe_looped_moe import LoopedMoeMLP, LoopedMoeSparseMoeBlock, LoopedMoeTopKRouter
-from .outputs_looped_moe import LoopedMoeCausalLMOutputWithPast, LoopedMoeModelOutputWithPast
+from .outputs_looped_moe import (
+    LoopedMoeCausalLMOutputWithPast,
+    LoopedMoeModelOutputWithPast,
+)
+from .speculative_looped_moe import SelfSpeculativeOutput, self_speculative_generate
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -583,6 +592,10 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         rows, so its per-row trace follows the beams' slots, not the returned sequences.
         """
         return generate_with_exit_trace(self, super().generate, *args, **kwargs)
+
+    def generate_self_speculative(self, input_ids: torch.LongTensor, **kwargs) -> SelfSpeculativeOutput:
+        """Greedy decoding with drafts from the first loops verified at full depth; see `self_speculative_generate`."""
+        return self_speculative_generate(self, input_ids, **kwargs)
 
 
 __all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]

@@ -1,0 +1,129 @@
+"""Self-speculative decoding over loops: draft with the first loops, verify the drafts with the full depth.
+
+The draft of a token runs the prelude and loops 1..k (then the coda for its draft logits). Verification resumes
+from the drafted tokens' loop-k hidden states and runs loops k+1..N and the coda for all drafts in one forward, so
+the prelude and loops 1..k keys/values written while drafting are shared, not recomputed. Only the coda's
+draft-path entries are discarded. Greedy output equals full-depth greedy generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+
+@dataclass
+class SelfSpeculativeOutput:
+    """Result of [`self_speculative_generate`].
+
+    Attributes:
+        sequences: Prompt and generated tokens, `[1, prompt + new]`.
+        drafted: Draft tokens proposed.
+        accepted: Draft tokens accepted by verification.
+        rounds: Draft-and-verify rounds run.
+    """
+
+    sequences: torch.LongTensor
+    drafted: int
+    accepted: int
+    rounds: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def _crop_slots(cache: DynamicCache, slots: list[int], tokens: int) -> None:
+    if tokens > 0:
+        for slot in slots:
+            cache.layers[slot].crop(-tokens)
+
+
+@torch.no_grad()
+def self_speculative_generate(
+    model,
+    input_ids: torch.LongTensor,
+    draft_loops: int = 1,
+    num_draft_tokens: int = 4,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+) -> SelfSpeculativeOutput:
+    """Greedy generation with drafts from the first `draft_loops` loops, verified at full depth.
+
+    Args:
+        model: A [`LoopedMoeForCausalLM`].
+        input_ids: The prompt, `[1, prompt_length]` (one sequence; batches are not supported).
+        draft_loops: Loops used to draft (1..num_loops-1).
+        num_draft_tokens: Drafts proposed per round.
+        max_new_tokens: Tokens to generate.
+        eos_token_id: Stop after this token (defaults to the generation config's).
+
+    Returns:
+        A [`SelfSpeculativeOutput`].
+    """
+    config = model.config
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"self_speculative_generate takes one sequence [1, length], got {tuple(input_ids.shape)}")
+    if not isinstance(draft_loops, int) or not 1 <= draft_loops < config.num_loops:
+        raise ValueError(f"draft_loops must be an integer in 1..{config.num_loops - 1}, got {draft_loops!r}")
+    if num_draft_tokens < 1 or max_new_tokens < 1:
+        raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.eos_token_id
+    eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+    base = model.model
+    resume_step = config.num_prelude_layers + draft_loops * config.num_loop_layers
+    coda_slots = base.coda_steps()
+    verify_steps = list(range(resume_step, config.num_hidden_layers))
+
+    cache = DynamicCache(config=config)
+    logits = model(input_ids, past_key_values=cache, use_cache=True, exit_loop=config.num_loops).logits
+    next_token = logits[:, -1].argmax(-1, keepdim=True)
+    generated = [next_token]
+    drafted = accepted = rounds = 0
+    while len(generated) < max_new_tokens and next_token.item() not in eos_ids:
+        rounds += 1
+        budget = min(num_draft_tokens, max_new_tokens - len(generated))
+        start_length = cache.get_seq_length()
+        drafts, draft_states, token = [], [], next_token
+        for _ in range(budget):
+            out = base(token, past_key_values=cache, use_cache=True, exit_loop=draft_loops,
+                       output_loop_hidden_states=True)
+            draft_states.append(out.loop_hidden_states[-1])
+            token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+            drafts.append(token)
+        drafted += budget
+        # Verification: loops after the draft loops and the coda, for every fed token, in one forward.
+        _crop_slots(cache, coda_slots, budget)
+        hidden_states = torch.cat(draft_states, dim=1)
+        position_ids = torch.arange(start_length, start_length + budget, device=hidden_states.device)[None]
+        causal_mask = create_causal_mask(config=config, inputs_embeds=hidden_states, attention_mask=None,
+                                         past_key_values=cache, position_ids=position_ids, layer_idx=resume_step)
+        position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
+        for step in verify_steps:
+            hidden_states = base.run_depth_step(hidden_states, step, attention_mask=causal_mask,
+                                                position_embeddings=position_embeddings, past_key_values=cache)
+        verified = model.lm_head(base.norm(hidden_states)).argmax(-1)  # [1, budget]: prediction after each fed token
+        draft_row = torch.cat(drafts, dim=1)
+        matches = (verified == draft_row)[0].long()
+        num_accepted = int(matches.cumprod(0).sum())
+        accepted += num_accepted
+        if num_accepted == budget:
+            new_tokens, next_token = draft_row, draft_row[:, -1:]
+        else:
+            correction = verified[:, num_accepted : num_accepted + 1]
+            new_tokens = torch.cat([draft_row[:, :num_accepted], correction], dim=1)
+            # Fed tokens after the last accepted draft were computed on a wrong prefix.
+            _crop_slots(cache, list(range(config.num_hidden_layers)), budget - num_accepted - 1)
+            next_token = correction
+        for position in range(new_tokens.shape[1]):
+            generated.append(new_tokens[:, position : position + 1])
+            if generated[-1].item() in eos_ids or len(generated) == max_new_tokens:
+                break
+        next_token = generated[-1]
+    sequences = torch.cat([input_ids] + generated, dim=1)
+    return SelfSpeculativeOutput(sequences=sequences, drafted=drafted, accepted=accepted, rounds=rounds)
