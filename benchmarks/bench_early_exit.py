@@ -1,0 +1,187 @@
+"""Early exit benchmark: train a small looped MoE on local text, then measure exits against full depth.
+
+Reports, all in one run: held-out perplexity and decode tokens/s for full depth, every static exit, and several
+thresholds of each adaptive criterion (as ratios to full depth), plus the self-speculative decoding speed-up.
+
+    python benchmarks/bench_early_exit.py --train-seconds 240 [--text FILE ...] [--save DIR | --load DIR]
+
+Without `--text` it trains on Python's own documentation (`pydoc_data.topics`), present on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM  # noqa: E402
+from modeling_looped_moe.data_looped_moe import (  # noqa: E402
+    python_docs_corpus,
+    read_texts,
+    split_held_out,
+    token_blocks,
+    train_bpe_tokenizer,
+)
+
+
+THRESHOLDS = {"entropy": [1.0, 2.0, 3.0], "confidence": [0.9, 0.6, 0.4], "kl": [0.02, 0.1, 0.3]}
+
+
+def build_model(vocab_size: int, num_loops: int) -> LoopedMoeForCausalLM:
+    """A fully looped MoE (no prelude/coda, as in the Looped-MoE paper) with deep supervision at every loop."""
+    config = LoopedMoeConfig(
+        vocab_size=vocab_size, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=512, qk_norm="head", num_prelude_layers=0, num_loop_layers=2, num_loops=num_loops,
+        num_coda_layers=0, intermediate_size=512, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+        router_aux_loss_coef=0.01, router_z_loss_coef=1e-4, loop_loss_weights=[0.5] * (num_loops - 1) + [1.0],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LoopedMoeForCausalLM(config)
+
+
+def train(model, blocks: torch.Tensor, seconds: float, batch_size: int, lr: float) -> list[float]:
+    """AdamW with warm-up and cosine decay over a wall-clock budget; returns the loss history."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    losses, start, step = [], time.perf_counter(), 0
+    progress = tqdm(total=int(seconds), desc="training (s)", unit="s")
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fraction = elapsed / seconds
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * fraction))
+        batch = blocks[torch.randint(0, len(blocks), (batch_size,))]
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        progress.update(int(time.perf_counter() - start) - progress.n)
+        progress.set_postfix(step=step, loss=f"{loss.item():.3f}")
+    progress.close()
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def held_out_perplexity(model, blocks: torch.Tensor, **exit_kwargs) -> tuple[float, float]:
+    """Token perplexity and mean depth-step fraction used, evaluating every position's exit."""
+    config = model.config
+    nll, count, steps = 0.0, 0, 0.0
+    for batch in blocks.split(16):
+        out = model(batch, **exit_kwargs)
+        targets = batch[:, 1:]
+        nll += F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+        if out.exit_loops is not None:
+            loops = out.exit_loops[:, :-1].float()
+        else:
+            loops = torch.full(targets.shape, float(exit_kwargs.get("exit_loop") or config.num_loops))
+        steps += (config.num_prelude_layers + loops * config.num_loop_layers + config.num_coda_layers).sum().item()
+    return math.exp(nll / count), steps / (count * config.num_hidden_layers)
+
+
+@torch.no_grad()
+def decode_speed(model, prompts: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, repeats: int,
+                 **exit_kwargs) -> tuple[float, float]:
+    """Generated tokens per second (best of `repeats`) and the decode compute saved."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model.generate(prompts, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
+                             **exit_kwargs)
+        best = min(best, time.perf_counter() - start)
+    stats = model.last_exit_stats
+    saved = stats["compute_saved"] if stats else 0.0
+    return prompts.shape[0] * (out.shape[1] - prompts.shape[1]) / best, saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", nargs="*", help="text files or folders (default: Python's documentation)")
+    parser.add_argument("--train-seconds", type=float, default=240)
+    parser.add_argument("--num-loops", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--save", help="save the trained model and tokenizer here")
+    parser.add_argument("--load", help="load a model and tokenizer saved by --save instead of training")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    text = read_texts(args.text) if args.text else python_docs_corpus()
+    train_text, held_out_text = split_held_out(text, 0.1)
+    if args.load:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.load)
+        model = LoopedMoeForCausalLM.from_pretrained(args.load).eval()
+        losses = []
+    else:
+        tokenizer = train_bpe_tokenizer(train_text, vocab_size=2048)
+        train_blocks = token_blocks(tokenizer(train_text)["input_ids"], args.block_size)
+        model = build_model(len(tokenizer), args.num_loops)
+        losses = train(model, train_blocks, args.train_seconds, args.batch_size, args.lr)
+        if args.save:
+            model.save_pretrained(args.save)
+            tokenizer.save_pretrained(args.save)
+    held_out = token_blocks(tokenizer(held_out_text)["input_ids"], args.block_size)
+    num_loops = model.config.num_loops
+    print(f"held-out blocks: {tuple(held_out.shape)}; trained steps: {len(losses)}; "
+          f"last train loss (mean of 20): {sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}")
+
+    prompts = held_out[:8, :32]
+    attention_mask = torch.ones_like(prompts)
+    settings = [("full depth", {})]
+    settings += [(f"static exit_loop={k}", {"exit_loop": k}) for k in range(1, num_loops)]
+    settings += [(f"{c} threshold {t}", {"exit_criterion": c, "exit_threshold": t})
+                 for c, values in THRESHOLDS.items() for t in values]
+    model.generate(prompts, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)  # warm-up
+    rows = []
+    for name, kwargs in tqdm(settings, desc="settings"):
+        ppl, depth_used = held_out_perplexity(model, held_out, **kwargs)
+        speed, saved = decode_speed(model, prompts, attention_mask, args.decode_tokens, args.repeats, **kwargs)
+        rows.append((name, ppl, depth_used, speed, saved))
+    base_ppl, base_speed = rows[0][1], rows[0][3]
+
+    print("\n| setting | held-out ppl | ppl ratio | depth used (eval) | decode tok/s | speed ratio | decode compute saved |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, ppl, depth_used, speed, saved in rows:
+        print(f"| {name} | {ppl:.2f} | {ppl / base_ppl:.3f} | {depth_used:.3f} | {speed:.1f} | "
+              f"{speed / base_speed:.2f} | {saved:.3f} |")
+
+    print("\n| self-speculative | acceptance | tokens identical to greedy | time full (s) | time spec (s) | speed-up |")
+    print("| --- | ---: | :---: | ---: | ---: | ---: |")
+    singles = [held_out[i : i + 1, :32] for i in range(8, 12)]
+    full_time, references = 0.0, []
+    for prompt in singles:
+        start = time.perf_counter()
+        references.append(model.generate(prompt, max_new_tokens=args.decode_tokens, do_sample=False))
+        full_time += time.perf_counter() - start
+    for draft_loops in range(1, num_loops):
+        spec_time, drafted, accepted, identical = 0.0, 0, 0, True
+        for prompt, reference in zip(singles, references):
+            start = time.perf_counter()
+            out = model.generate_self_speculative(prompt, draft_loops=draft_loops, num_draft_tokens=4,
+                                                  max_new_tokens=args.decode_tokens)
+            spec_time += time.perf_counter() - start
+            drafted, accepted = drafted + out.drafted, accepted + out.accepted
+            identical &= torch.equal(out.sequences, reference)
+        print(f"| draft_loops={draft_loops}, 4 drafts | {accepted / drafted:.2f} | {identical} | {full_time:.2f} | "
+              f"{spec_time:.2f} | {full_time / spec_time:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
