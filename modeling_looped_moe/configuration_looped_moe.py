@@ -10,6 +10,8 @@ QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
 EXIT_CRITERIA = ("entropy", "confidence", "kl")
 EXIT_KV_POLICIES = ("propagate", "copy")
+LOOP_CONDITIONING_OPTIONS = ("none", "embedding", "iter_adaln")
+LOOP_INPUT_INJECTION_OPTIONS = ("none", "add")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -75,6 +77,12 @@ class LoopedMoeConfig(PreTrainedConfig):
         per_loop_router (`bool`, defaults to `False`): Give each loop its own router in the loop block.
         tie_word_embeddings (`bool`, defaults to `False`): Share the input embedding with the LM head.
         initializer_range (`float`, defaults to 0.02): Standard deviation of the weight initialisation.
+        loop_conditioning (`str`, defaults to `"none"`): `"embedding"` adds a learned per-loop vector at the start
+            of each loop; `"iter_adaln"` (LoopMoE) modulates every pre-norm of the loop block with a scale and shift
+            from `MLP(sinusoidal(k))` and a projection of the token's hidden state (zero-initialised, so the model
+            starts as the unconditioned one; the sinusoidal code extends to loop counts never trained).
+        loop_input_injection (`str`, defaults to `"none"`): `"add"` adds the loop block's input to the hidden state
+            at the start of every loop after the first (Huginn-style re-injection).
         exit_loop (`int`, *optional*): Run loops 1..`exit_loop` only, then the coda, final norm and head
             (static early exit); `None` runs every loop.
         loop_loss_weights (`list[float]`, *optional*): One weight per loop; with labels the loss becomes
@@ -130,6 +138,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         per_loop_router: bool = False,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
+        loop_conditioning: str = "none",
+        loop_input_injection: str = "none",
         exit_loop: int | None = None,
         loop_loss_weights: list[float] | None = None,
         exit_criterion: str | None = None,
@@ -182,6 +192,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         self.num_untied_last_layers = num_untied_last_layers
         self.per_loop_router = per_loop_router
         self.initializer_range = initializer_range
+        self.loop_conditioning = loop_conditioning
+        self.loop_input_injection = loop_input_injection
         self.exit_loop = exit_loop
         self.loop_loss_weights = list(loop_loss_weights) if loop_loss_weights is not None else None
         self.exit_criterion = exit_criterion
@@ -335,6 +347,10 @@ class LoopedMoeConfig(PreTrainedConfig):
                      "exit_threshold", f"must be a number when exit_criterion is set, got {self.exit_threshold!r}")
         _require(self.exit_kv_policy in EXIT_KV_POLICIES, "exit_kv_policy",
                  f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
+        _require(self.loop_conditioning in LOOP_CONDITIONING_OPTIONS, "loop_conditioning",
+                 f"must be one of {LOOP_CONDITIONING_OPTIONS}, got {self.loop_conditioning!r}")
+        _require(self.loop_input_injection in LOOP_INPUT_INJECTION_OPTIONS, "loop_input_injection",
+                 f"must be one of {LOOP_INPUT_INJECTION_OPTIONS}, got {self.loop_input_injection!r}")
 
     def _validate_tying(self) -> None:
         num_moe = len(self.moe_layers) if self.num_experts > 0 else 0
@@ -383,6 +399,20 @@ class LoopedMoeConfig(PreTrainedConfig):
         router = self.num_experts * self.hidden_size
         return router + self.num_experts_per_tok * self._expert_parameters() + self._shared_parameters()
 
+    def _adaln_parameters(self) -> int:
+        """IterAdaLN parameters of one loop-block layer (two pre-norms, each with a hidden projection)."""
+        hidden = self.hidden_size
+        return 2 * (hidden * hidden + 2 * hidden * hidden + 2 * hidden) if self.loop_conditioning == "iter_adaln" else 0
+
+    def _conditioning_parameters(self) -> int:
+        hidden = self.hidden_size
+        if self.loop_conditioning == "embedding":
+            return self.num_loops * hidden
+        if self.loop_conditioning == "iter_adaln":
+            code_dim = hidden + hidden % 2
+            return code_dim * hidden + hidden + hidden * hidden + hidden + self.num_loop_layers * self._adaln_parameters()
+        return 0
+
     def _embedding_parameters(self) -> int:
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
@@ -395,6 +425,7 @@ class LoopedMoeConfig(PreTrainedConfig):
                 total += self.num_routers(layer_idx) * self.num_experts * self.hidden_size + self._shared_parameters()
             else:
                 total += 3 * self.hidden_size * self.intermediate_size
+        total += self._conditioning_parameters()
         return total + self.num_expert_banks * self.num_experts * self._expert_parameters()
 
     def num_active_parameters(self, count_loops: bool = True) -> int:
@@ -408,6 +439,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         layers = [idx for idx, _ in self.depth_schedule()] if count_loops else range(self.num_unique_layers)
         for layer_idx in layers:
             active += self._attention_parameters() + 2 * self.hidden_size + self._ffn_active_parameters(layer_idx)
+            if self.is_loop_layer(layer_idx):
+                active += self._adaln_parameters()
         return active
 
     def attention_to_ffn_ratio(self) -> float:
@@ -430,6 +463,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         elementwise += (q_width + 2 * kv_width if self.qkv_bias else 0) + (self.hidden_size if self.attention_bias else 0)
         matmul = self.num_active_parameters(count_loops=True) - self.vocab_size * self.hidden_size
         matmul -= self.num_hidden_layers * elementwise + self.hidden_size  # ... and the final norm
+        if self.loop_conditioning == "iter_adaln":  # modulation biases
+            matmul -= self.num_loops * self.num_loop_layers * 4 * self.hidden_size
         if self.tie_word_embeddings:  # the tied embedding is still applied as the head
             matmul += self.vocab_size * self.hidden_size
         attention = 4 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * context_length

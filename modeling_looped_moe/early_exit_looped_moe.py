@@ -243,6 +243,7 @@ def adaptive_decode_step(
         hidden_states = model.run_depth_step(
             hidden_states, step, attention_mask=causal_mask, position_embeddings=position_embeddings, **shared_kwargs
         )
+    loop_inputs = hidden_states
 
     staging = _Staging()
     exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=hidden_states.device)
@@ -261,7 +262,7 @@ def adaptive_decode_step(
         view = StagedCacheView(past_key_values, current_rows if len(current_rows) < batch_size else None, stage)
         for offset in range(loop_len):
             states = model.run_depth_step(
-                states, prelude + loop_idx * loop_len + offset,
+                states, prelude + loop_idx * loop_len + offset, loop_input=loop_inputs,
                 attention_mask=rows_mask, position_embeddings=rows_embeddings, past_key_values=view,
             )
         coda_staging = _Staging()
@@ -289,9 +290,11 @@ def adaptive_decode_step(
         for slot in coda_staging.keys:
             staging.put(slot, exited, batch_size, coda_staging.keys[slot][fires], coda_staging.values[slot][fires])
         if loop_idx < config.num_loops - 1 and len(exited) > 0:
-            _stage_skipped_loops(model, staging, states[fires], exited, loop_idx, settings.kv_policy,
-                                 (_rows_of(cos, exited, batch_size), _rows_of(sin, exited, batch_size)))
+            exited_embeddings = (_rows_of(cos, exited, batch_size), _rows_of(sin, exited, batch_size))
+            _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, loop_idx,
+                                 settings.kv_policy, exited_embeddings)
         active, previous_logits, states = active[~fires], logits[~fires], states[~fires]
+        loop_inputs = loop_inputs[~fires]
         if len(active) == 0:
             break
     staging.commit(past_key_values)
@@ -347,6 +350,7 @@ def adaptive_prefill(
     num_loops = settings.max_loop or config.num_loops
     for step in range(prelude):
         hidden_states = model.run_depth_step(hidden_states, step, past_key_values=past_key_values, **layer_kwargs)
+    loop_input = hidden_states
     slots = {prelude + k * loop_len + offset: offset for k in range(config.num_loops) for offset in range(loop_len)}
     proxy = _KeyValueOverride(past_key_values, settings.kv_policy, slots)
     batch, seq = hidden_states.shape[:2]
@@ -357,7 +361,8 @@ def adaptive_prefill(
         proxy.exited = exited
         for offset in range(loop_len):
             new_states = model.run_depth_step(
-                hidden_states, prelude + loop_idx * loop_len + offset, past_key_values=proxy, **layer_kwargs
+                hidden_states, prelude + loop_idx * loop_len + offset, loop_input=loop_input, past_key_values=proxy,
+                **layer_kwargs,
             )
             hidden_states = torch.where(exited[..., None], hidden_states, new_states)
         if loop_idx >= num_loops:
@@ -376,19 +381,28 @@ def adaptive_prefill(
     return settings.lm_head(model.norm(hidden_states)), exit_loops
 
 
-def _stage_skipped_loops(model, staging: _Staging, exit_states, rows, exit_loop_idx, kv_policy, position_embeddings):
-    """Keys/values of the loops that `rows` skip, following `kv_policy`."""
+def _stage_skipped_loops(
+    model, staging: _Staging, exit_states, loop_inputs, rows, exit_loop_idx, kv_policy, position_embeddings
+):
+    """Keys/values of the loops that `rows` skip, following `kv_policy`.
+
+    `propagate` gives each skipped layer the keys/values of the state the token would enter it with if it stood
+    still at its exit state: the exit state, entering a loop with that loop's embedding and re-injected input.
+    """
     config = model.config
     prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
     batch_size = next(iter(staging.keys.values())).shape[0]
+    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
     for offset in range(loop_len):
+        layer_idx = prelude + offset
+        layer = model.layers[layer_idx]
         computed_slot = prelude + exit_loop_idx * loop_len + offset
-        layer = model.layers[prelude + offset]
-        if kv_policy == "propagate":
-            key_states, value_states = layer.self_attn.project_key_value(
-                layer.input_layernorm(exit_states), position_embeddings
-            )
-        else:
-            key_states, value_states = staging.keys[computed_slot][rows], staging.values[computed_slot][rows]
+        key_value = None
         for later_loop in range(exit_loop_idx + 1, config.num_loops):
-            staging.put(prelude + later_loop * loop_len + offset, rows, batch_size, key_states, value_states)
+            if kv_policy == "copy":
+                key_value = staging.keys[computed_slot][rows], staging.values[computed_slot][rows]
+            elif key_value is None or loop_dependent:
+                entering = model.enter_loop(exit_states, later_loop, loop_inputs) if offset == 0 else exit_states
+                normed = layer.attention_input(entering, model.loop_vector(layer_idx, later_loop))
+                key_value = layer.self_attn.project_key_value(normed, position_embeddings)
+            staging.put(prelude + later_loop * loop_len + offset, rows, batch_size, *key_value)

@@ -29,6 +29,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .conditioning_looped_moe import LoopedMoeIterationEmbedding, LoopedMoeIterAdaLN
 from .configuration_looped_moe import LoopedMoeConfig
 from .early_exit_looped_moe import (
     AdaptiveExit,
@@ -193,6 +194,17 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
             self.mlp = LoopedMoeMLP(config, intermediate_size=config.intermediate_size)
         self.input_layernorm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_adaln = self.post_attention_adaln = None
+        if config.loop_conditioning == "iter_adaln" and config.is_loop_layer(layer_idx):
+            self.input_adaln = LoopedMoeIterAdaLN(config)
+            self.post_attention_adaln = LoopedMoeIterAdaLN(config)
+
+    def attention_input(self, hidden_states: torch.Tensor, loop_vector: torch.Tensor | None = None) -> torch.Tensor:
+        """The input pre-norm (IterAdaLN-modulated inside the loop block when `loop_vector` is given)."""
+        normed = self.input_layernorm(hidden_states)
+        if self.input_adaln is not None and loop_vector is not None:
+            normed = self.input_adaln(normed, hidden_states, loop_vector)
+        return normed
 
     def forward(
         self,
@@ -203,10 +215,11 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         cache_idx: int | None = None,
         experts: LoopedMoeExperts | None = None,
         loop_idx: int = 0,
+        loop_vector: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.attention_input(hidden_states, loop_vector)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -218,7 +231,9 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.post_attention_layernorm(residual)
+        if self.post_attention_adaln is not None and loop_vector is not None:
+            hidden_states = self.post_attention_adaln(hidden_states, residual, loop_vector)
         if isinstance(self.mlp, LoopedMoeSparseMoeBlock):
             hidden_states = self.mlp(hidden_states, experts, loop_idx)
         else:
@@ -278,6 +293,11 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LoopedMoeRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, LoopedMoeIterAdaLN):  # zero modulation: start as the unconditioned model
+            init.zeros_(module.modulation_weight)
+            init.zeros_(module.modulation_bias)
+        elif isinstance(module, LoopedMoeModel) and module.loop_embeddings is not None:
+            init.zeros_(module.loop_embeddings)
 
 
 class LoopedMoeModel(LoopedMoePreTrainedModel):
@@ -294,6 +314,12 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         )
         self.bank_map = config.expert_bank_map()
         self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
+        self.loop_embeddings = None
+        self.iteration_embedding = None
+        if config.loop_conditioning == "embedding":
+            self.loop_embeddings = nn.Parameter(torch.zeros(config.num_loops, config.hidden_size))
+        elif config.loop_conditioning == "iter_adaln":
+            self.iteration_embedding = LoopedMoeIterationEmbedding(config)
         self.norm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LoopedMoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -304,14 +330,40 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         bank_idx = self.bank_map.get(layer_idx)
         return None if bank_idx is None else self.expert_banks[bank_idx]
 
-    def run_depth_step(self, hidden_states: torch.Tensor, depth_step: int, **layer_kwargs) -> torch.Tensor:
-        """Apply depth step `depth_step` of the schedule, writing cache slot `depth_step`."""
-        layer_idx, loop_idx = self.config.depth_schedule()[depth_step]
+    def loop_vector(self, layer_idx: int, loop_idx: int) -> torch.Tensor | None:
+        """IterAdaLN's loop vector for a loop-block layer (`None` elsewhere or without IterAdaLN)."""
+        if self.iteration_embedding is None or not self.config.is_loop_layer(layer_idx):
+            return None
+        return self.iteration_embedding(loop_idx)
+
+    def enter_loop(self, hidden_states: torch.Tensor, loop_idx: int, loop_input: torch.Tensor | None) -> torch.Tensor:
+        """The state entering loop `loop_idx`: plus its loop embedding and the re-injected input, if configured."""
+        if self.loop_embeddings is not None:
+            hidden_states = hidden_states + self.loop_embeddings[loop_idx]
+        if self.config.loop_input_injection == "add" and loop_idx > 0:
+            if loop_input is None:
+                raise ValueError("loop_input_injection='add' needs the loop block's input (`loop_input`)")
+            hidden_states = hidden_states + loop_input
+        return hidden_states
+
+    def run_depth_step(
+        self, hidden_states: torch.Tensor, depth_step: int, loop_input: torch.Tensor | None = None, **layer_kwargs
+    ) -> torch.Tensor:
+        """Apply depth step `depth_step` of the schedule, writing cache slot `depth_step`.
+
+        Args:
+            loop_input: The loop block's input (its first loop's entry state), needed for input re-injection.
+        """
+        config = self.config
+        layer_idx, loop_idx = config.depth_schedule()[depth_step]
+        if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx):
+            hidden_states = self.enter_loop(hidden_states, loop_idx, loop_input)
         return self.layers[layer_idx](
             hidden_states,
             cache_idx=depth_step,
             experts=self.experts_for_layer(layer_idx),
             loop_idx=loop_idx,
+            loop_vector=self.loop_vector(layer_idx, loop_idx),
             **layer_kwargs,
         )
 
@@ -417,10 +469,12 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             )
 
         boundaries = self.loop_boundaries(exit_loop)
-        loop_hidden_states, loop_exit_states = [], []
+        loop_hidden_states, loop_exit_states, loop_input = [], [], None
         for depth_step in self.depth_steps(exit_loop):
+            if depth_step == self.config.num_prelude_layers:
+                loop_input = hidden_states
             hidden_states = self.run_depth_step(
-                hidden_states, depth_step, past_key_values=past_key_values, **layer_kwargs
+                hidden_states, depth_step, loop_input=loop_input, past_key_values=past_key_values, **layer_kwargs
             )
             if depth_step + 1 in boundaries:
                 if output_loop_hidden_states:
@@ -435,6 +489,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             past_key_values=past_key_values,
             loop_hidden_states=tuple(loop_hidden_states) if output_loop_hidden_states else None,
             loop_exit_states=tuple(loop_exit_states) if output_loop_exit_states else None,
+            loop_input=loop_input if output_loop_hidden_states else None,
         )
 
 

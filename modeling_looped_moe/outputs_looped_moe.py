@@ -18,6 +18,8 @@ class LoopedMoeModelOutputWithPast(MoeModelOutputWithPast):
         Hidden state (before the final norm) at the end of every loop, returned with `output_loop_hidden_states=True`.
     loop_exit_states (`tuple(torch.FloatTensor)`, *optional*):
         For every loop that ran, the state an exit there feeds to the LM head (coda and final norm applied).
+    loop_input (`torch.FloatTensor`, *optional*):
+        The loop block's input (for input re-injection), returned with `output_loop_hidden_states=True`.
     exit_logits (`torch.FloatTensor`, *optional*):
         Logits `[batch, 1, vocab]` of an adaptive-exit decode step.
     exit_loops (`torch.LongTensor`, *optional*):
@@ -26,6 +28,7 @@ class LoopedMoeModelOutputWithPast(MoeModelOutputWithPast):
 
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     loop_exit_states: tuple[torch.FloatTensor, ...] | None = None
+    loop_input: torch.FloatTensor | None = None
     exit_logits: torch.FloatTensor | None = None
     exit_loops: torch.LongTensor | None = None
 

@@ -89,11 +89,12 @@ def self_speculative_generate(
         rounds += 1
         budget = min(num_draft_tokens, max_new_tokens - len(generated))
         start_length = cache.get_seq_length()
-        drafts, draft_states, token = [], [], next_token
+        drafts, draft_states, loop_inputs, token = [], [], [], next_token
         for _ in range(budget):
             out = base(token, past_key_values=cache, use_cache=True, exit_loop=draft_loops,
                        output_loop_hidden_states=True)
             draft_states.append(out.loop_hidden_states[-1])
+            loop_inputs.append(out.loop_input)
             token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
             drafts.append(token)
         drafted += budget
@@ -104,8 +105,9 @@ def self_speculative_generate(
         causal_mask = create_causal_mask(config=config, inputs_embeds=hidden_states, attention_mask=None,
                                          past_key_values=cache, position_ids=position_ids, layer_idx=resume_step)
         position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
+        loop_input = torch.cat(loop_inputs, dim=1)
         for step in verify_steps:
-            hidden_states = base.run_depth_step(hidden_states, step, attention_mask=causal_mask,
+            hidden_states = base.run_depth_step(hidden_states, step, loop_input=loop_input, attention_mask=causal_mask,
                                                 position_embeddings=position_embeddings, past_key_values=cache)
         verified = model.lm_head(base.norm(hidden_states)).argmax(-1)  # [1, budget]: prediction after each fed token
         draft_row = torch.cat(drafts, dim=1)
