@@ -81,6 +81,9 @@ class LoopedMoeConfig(PreTrainedConfig):
             of each loop; `"iter_adaln"` (LoopMoE) modulates every pre-norm of the loop block with a scale and shift
             from `MLP(sinusoidal(k))` and a projection of the token's hidden state (zero-initialised, so the model
             starts as the unconditioned one; the sinusoidal code extends to loop counts never trained).
+        iter_adaln_rank (`int`, *optional*): Width of IterAdaLN's conditioning vector (the loop vector and the hidden
+            state projection); defaults to `hidden_size // 8`, which keeps its cost near 0.75 * hidden_size^2 weights
+            per loop-block layer.
         loop_input_injection (`str`, defaults to `"none"`): `"add"` adds the loop block's input to the hidden state
             at the start of every loop after the first (Huginn-style re-injection).
         exit_loop (`int`, *optional*): Run loops 1..`exit_loop` only, then the coda, final norm and head
@@ -139,6 +142,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         loop_conditioning: str = "none",
+        iter_adaln_rank: int | None = None,
         loop_input_injection: str = "none",
         exit_loop: int | None = None,
         loop_loss_weights: list[float] | None = None,
@@ -193,6 +197,8 @@ class LoopedMoeConfig(PreTrainedConfig):
         self.per_loop_router = per_loop_router
         self.initializer_range = initializer_range
         self.loop_conditioning = loop_conditioning
+        self.iter_adaln_rank = iter_adaln_rank if iter_adaln_rank is not None else max(1, hidden_size // 8) \
+            if _is_int(hidden_size) else None
         self.loop_input_injection = loop_input_injection
         self.exit_loop = exit_loop
         self.loop_loss_weights = list(loop_loss_weights) if loop_loss_weights is not None else None
@@ -349,6 +355,8 @@ class LoopedMoeConfig(PreTrainedConfig):
                  f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
         _require(self.loop_conditioning in LOOP_CONDITIONING_OPTIONS, "loop_conditioning",
                  f"must be one of {LOOP_CONDITIONING_OPTIONS}, got {self.loop_conditioning!r}")
+        _require(_is_int(self.iter_adaln_rank) and self.iter_adaln_rank >= 1, "iter_adaln_rank",
+                 f"must be an integer >= 1, got {self.iter_adaln_rank!r}")
         _require(self.loop_input_injection in LOOP_INPUT_INJECTION_OPTIONS, "loop_input_injection",
                  f"must be one of {LOOP_INPUT_INJECTION_OPTIONS}, got {self.loop_input_injection!r}")
 
@@ -401,8 +409,8 @@ class LoopedMoeConfig(PreTrainedConfig):
 
     def _adaln_parameters(self) -> int:
         """IterAdaLN parameters of one loop-block layer (two pre-norms, each with a hidden projection)."""
-        hidden = self.hidden_size
-        return 2 * (hidden * hidden + 2 * hidden * hidden + 2 * hidden) if self.loop_conditioning == "iter_adaln" else 0
+        hidden, rank = self.hidden_size, self.iter_adaln_rank
+        return 2 * (hidden * rank + 2 * hidden * rank + 2 * hidden) if self.loop_conditioning == "iter_adaln" else 0
 
     def _conditioning_parameters(self) -> int:
         hidden = self.hidden_size
@@ -410,7 +418,8 @@ class LoopedMoeConfig(PreTrainedConfig):
             return self.num_loops * hidden
         if self.loop_conditioning == "iter_adaln":
             code_dim = hidden + hidden % 2
-            return code_dim * hidden + hidden + hidden * hidden + hidden + self.num_loop_layers * self._adaln_parameters()
+            rank = self.iter_adaln_rank
+            return code_dim * hidden + hidden + hidden * rank + rank + self.num_loop_layers * self._adaln_parameters()
         return 0
 
     def _embedding_parameters(self) -> int:
