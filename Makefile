@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m modeling_looped_moe.demo --preset $(PRESET)
+	$(PYTHON) -m modeling_looped_moe.main_job --preset $(PRESET) $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", help="save the trained model and tokenizer here")
     parser.add_argument("--load", help="load a model and tokenizer saved by --save instead of training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is much faster for this small model on a shared 2-core machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     text = read_texts(args.text) if args.text else python_docs_corpus()

@@ -1,0 +1,165 @@
+"""Held-out evaluation of looped models: perplexity at every loop exit, the entropy early-exit sweep, and a plot.
+
+The sweep follows the Looped-MoE paper (training-free exit at loop boundaries by output entropy): a token leaves
+after the first loop whose exit distribution has entropy (nats) <= the threshold, else after the last loop. Its
+compute is the fraction of depth steps it runs: `(prelude + loops_run * loop_layers + coda) / depth_steps`. The
+sweep runs the model's own adaptive exit (`exit_criterion="entropy"`), so exited tokens feed later positions the
+keys/values of the config's `exit_kv_policy`, exactly as in decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def loop_token_losses(model, blocks: torch.Tensor, batch_size: int = 16, progress: bool = True) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Next-token losses and output entropies at every loop exit.
+
+    Args:
+        model: A `LoopedMoeForCausalLM` in eval mode.
+        blocks: Token blocks `[n, length]`.
+        batch_size: Blocks per forward.
+        progress: Show a progress bar.
+
+    Returns:
+        `(nll, entropy)`, each `[num_loops, n * (length - 1)]` (float32).
+    """
+    from tqdm.auto import tqdm
+
+    nll, entropy = [], []
+    for batch in tqdm(blocks.split(batch_size), desc="held-out loops", disable=not progress, leave=False):
+        out = model(batch, output_loop_logits=True, use_cache=False)
+        targets = batch[:, 1:].reshape(-1)
+        per_loop_nll, per_loop_entropy = [], []
+        for logits in out.loop_logits:
+            log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
+            per_loop_nll.append(-log_probs.gather(1, targets[:, None])[:, 0])
+            per_loop_entropy.append(-(log_probs.exp() * log_probs).sum(-1))
+        nll.append(torch.stack(per_loop_nll))
+        entropy.append(torch.stack(per_loop_entropy))
+    return torch.cat(nll, dim=1), torch.cat(entropy, dim=1)
+
+
+def depth_fraction(config, loops_run: torch.Tensor) -> torch.Tensor:
+    """Fraction of the depth steps a token runs when it leaves after `loops_run` loops (coda counted once)."""
+    steps = config.num_prelude_layers + loops_run * config.num_loop_layers + config.num_coda_layers
+    return steps / config.num_hidden_layers
+
+
+def per_loop_perplexity(config, nll: torch.Tensor) -> list[dict[str, float]]:
+    """Perplexity of a static exit after every loop, with its depth fraction."""
+    return [
+        {"exit_loop": k + 1, "perplexity": math.exp(nll[k].mean().item()),
+         "depth_fraction": float(depth_fraction(config, torch.tensor(k + 1)))}
+        for k in range(nll.shape[0])
+    ]
+
+
+@torch.no_grad()
+def entropy_exit_sweep(model, blocks: torch.Tensor, thresholds: list[float], batch_size: int = 16,
+                       progress: bool = True) -> list[dict]:
+    """Perplexity and compute of the model's own adaptive entropy exit at each threshold.
+
+    Each threshold runs `model(blocks, exit_criterion="entropy", exit_threshold=t)`: every position leaves after the
+    first loop whose exit distribution has entropy <= `t` (else after the last loop), and later positions attend to
+    the keys/values an exited token writes under the config's `exit_kv_policy`, as in decoding.
+
+    Args:
+        model: A `LoopedMoeForCausalLM` in eval mode.
+        blocks: Held-out token blocks `[n, length]`.
+        thresholds: Entropy thresholds in nats.
+        batch_size: Blocks per forward.
+        progress: Show a progress bar.
+
+    Returns:
+        One row per threshold: `threshold`, `perplexity`, `depth_fraction` (mean fraction of depth steps the exits
+        need, coda counted once), `compute_saved` (`1 - depth_fraction`), `mean_loops`.
+    """
+    from tqdm.auto import tqdm
+
+    config = model.config
+    rows = []
+    for threshold in tqdm(thresholds, desc="exit thresholds", disable=not progress, leave=False):
+        nll, count, fraction, loops = 0.0, 0, 0.0, 0.0
+        for batch in blocks.split(batch_size):
+            out = model(batch, exit_criterion="entropy", exit_threshold=threshold, use_cache=False)
+            targets = batch[:, 1:]
+            nll += F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.reshape(-1),
+                                   reduction="sum").item()
+            count += targets.numel()
+            exit_loops = out.exit_loops[:, :-1].float()
+            fraction += depth_fraction(config, exit_loops).sum().item()
+            loops += exit_loops.sum().item()
+        rows.append({"threshold": threshold, "perplexity": math.exp(nll / count),
+                     "depth_fraction": fraction / count, "compute_saved": 1.0 - fraction / count,
+                     "mean_loops": loops / count})
+    return rows
+
+
+def plot_summary(path: str | Path, losses: list[tuple[int, float]], per_loop: list[dict], sweep: list[dict],
+                 title: str = "") -> Path:
+    """Write a three-panel PNG: training loss, held-out perplexity per loop, perplexity against compute.
+
+    Args:
+        path: The PNG to write.
+        losses: `(step, loss)` training log points.
+        per_loop: Rows from [`per_loop_perplexity`].
+        sweep: Rows from [`entropy_exit_sweep`].
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if losses:
+        axes[0].plot([s for s, _ in losses], [v for _, v in losses], color="tab:blue")
+    axes[0].set(xlabel="optimizer step", ylabel="training loss", title="training")
+    loops = [row["exit_loop"] for row in per_loop]
+    axes[1].plot(loops, [row["perplexity"] for row in per_loop], "o-", color="tab:orange")
+    axes[1].set(xlabel="exit after loop", ylabel="held-out perplexity", title="perplexity per loop",
+                xticks=loops)
+    axes[2].plot([row["depth_fraction"] for row in per_loop], [row["perplexity"] for row in per_loop], "s--",
+                 color="tab:orange", label="static exit (every token)")
+    axes[2].plot([row["depth_fraction"] for row in sweep], [row["perplexity"] for row in sweep], "o-",
+                 color="tab:green", label="adaptive: entropy <= threshold")
+    for row in sweep:
+        axes[2].annotate(f"{row['threshold']:g}", (row["depth_fraction"], row["perplexity"]), fontsize=7,
+                         textcoords="offset points", xytext=(3, 3))
+    axes[2].set(xlabel="fraction of depth steps run", ylabel="held-out perplexity", title="early-exit sweep")
+    axes[2].legend(fontsize=8)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summarise_sweep(per_loop: list[dict], sweep: list[dict], tolerance: float = 0.02) -> dict[str, Any]:
+    """The largest-saving threshold whose perplexity stays within `tolerance` of full depth (else the smallest)."""
+    full = per_loop[-1]["perplexity"]
+    within = [row for row in sweep if row["perplexity"] <= full * (1 + tolerance)]
+    best = max(within, key=lambda row: row["compute_saved"]) if within else min(sweep, key=lambda r: r["threshold"])
+    return {"full_depth_perplexity": full, "tolerance": tolerance, "chosen": best}
+
+
+__all__ = [
+    "depth_fraction",
+    "entropy_exit_sweep",
+    "loop_token_losses",
+    "per_loop_perplexity",
+    "plot_summary",
+    "summarise_sweep",
+]

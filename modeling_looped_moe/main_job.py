@@ -1,0 +1,203 @@
+"""The project's main job: train a tiny looped MoE on local text, evaluate every loop and early exit, plot, sample.
+
+    python -m modeling_looped_moe.main_job [--text FILE ...] [--preset NAME] [--train-seconds S] [--output-dir DIR]
+
+With no options it trains the `tiny` preset (4 loops instead of 2, no coda, deep supervision at every loop exit)
+with a byte-level BPE on Python's own documentation (`pydoc_data.topics`, on every CPython install; nothing is
+downloaded), for a wall-clock budget, using the project's train command (`transformers.Trainer`). It then measures
+held-out perplexity after every loop and for an entropy early-exit sweep, writes `summary.json` and `main_job.png`
+(and the trained model and tokenizer) to the output folder, and prints a sample generated with adaptive exit next to
+the full-depth one, with the decode compute the exit saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_THRESHOLDS = [1.0, 2.0, 3.0, 4.0, 5.0, 5.5, 6.0, 6.5, 7.0]
+# The main job's model is the `tiny` preset with 4 loops and no coda layer: adaptive exit scores every loop boundary
+# through the coda, so a coda costs one layer per boundary in decoding (the Looped-MoE paper's models have none).
+# Without the last untied anchor the two loop layers share one expert bank (g = 2, learning rate / sqrt(2)).
+TINY_OVERRIDES = ["num_loops=4", "num_coda_layers=0", "num_untied_last_layers=0"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the main job."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", nargs="+", help="text files or folders of *.txt (default: Python's documentation)")
+    parser.add_argument("--preset", default="tiny", help="preset name or config.json path (default: tiny)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (JSON values)")
+    parser.add_argument("--num-loops", type=int, default=None,
+                        help="loops of the loop block (default: 4 for tiny, else the preset's)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the trained BPE tokenizer")
+    parser.add_argument("--train-seconds", type=float, default=210.0, help="training wall-clock budget")
+    parser.add_argument("--max-steps", type=int, default=800, help="training step budget")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--min-train-loops", type=int, default=None,
+                        help="random loop count per step in min..num_loops (default: every loop)")
+    parser.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks evaluated")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
+                        help="entropy thresholds (nats) of the early-exit sweep")
+    parser.add_argument("--sample-tokens", type=int, default=48, help="tokens generated for the sample")
+    parser.add_argument("--output-dir", default="outputs/main_job")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default); one is fastest for tiny models on shared cores")
+    return parser.parse_args(argv)
+
+
+def _train(args: argparse.Namespace, output_dir: Path):
+    from .presets import load_preset
+    from .training_data_looped_moe import ModelDataArguments, parse_overrides
+    from .training_looped_moe import LoopedMoeTrainingArguments, run_training
+
+    overrides = list(TINY_OVERRIDES) if args.preset == "tiny" else []
+    if args.num_loops:
+        overrides.append(f"num_loops={args.num_loops}")
+    overrides += args.set  # later items win
+    fields = parse_overrides(overrides)
+    base = load_preset(args.preset)
+    num_loops = fields.get("num_loops", base.num_loops)
+    if "loop_loss_weights" not in fields and num_loops > 1:
+        # Deep supervision: every loop exit is trained, later loops weigh more; the weights sum to 1, so the logged
+        # loss is a weighted mean of the exits' cross-entropies.
+        total = num_loops * (num_loops + 1) / 2
+        fields["loop_loss_weights"] = [round((k + 1) / total, 4) for k in range(num_loops)]
+    if fields.get("max_position_embeddings", base.max_position_embeddings) < args.block_size:
+        fields["max_position_embeddings"] = args.block_size
+    overrides = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
+    data_args = ModelDataArguments(
+        preset=args.preset, config_overrides=overrides, text_files=args.text, tokenizer_vocab_size=args.vocab_size,
+        block_size=args.block_size, eval_fraction=0.05,
+    )
+    training_args = LoopedMoeTrainingArguments(
+        output_dir=str(output_dir / "model"), max_steps=args.max_steps, max_train_seconds=args.train_seconds,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=20, logging_steps=10,
+        seed=args.seed, min_train_loops=args.min_train_loops, use_cpu=True, report_to="none", save_strategy="no",
+    )
+    return run_training(data_args, training_args)
+
+
+def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int, **exit_kwargs):
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             do_sample=True, top_k=40, temperature=0.8, pad_token_id=tokenizer.pad_token_id,
+                             **exit_kwargs)
+    seconds = time.perf_counter() - start
+    stats = model.last_exit_stats or {}
+    loops = stats.get("exit_loops")
+    return {
+        "text": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
+        "seconds": round(seconds, 3),
+        "exit_loops": loops[0].tolist() if loops is not None else None,
+        "compute_saved": float(stats["compute_saved"]) if "compute_saved" in stats else 0.0,
+        "decode_steps": int(stats.get("decode_steps", 0)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate per loop and per exit threshold, write JSON and PNG, print a sample with adaptive exit."""
+    from .loop_eval_looped_moe import (
+        entropy_exit_sweep,
+        loop_token_losses,
+        per_loop_perplexity,
+        plot_summary,
+        summarise_sweep,
+    )
+
+    args = parse_args(argv)
+    job_start = time.perf_counter()
+    try:
+        import matplotlib  # noqa: F401  (fail before training, not after)
+    except ImportError as error:
+        raise SystemExit("the main job writes a PNG plot: pip install matplotlib (or the package's [eval] extra)") \
+            from error
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"[1/4] training for {args.train_seconds:.0f}s or {args.max_steps} steps, whichever comes first "
+          "(the progress bar counts steps)")
+    result = _train(args, output_dir)
+    model, tokenizer, config = result.model.eval(), result.tokenizer, result.model.config
+    state = result.trainer.state
+    losses = [(row["step"], row["loss"]) for row in state.log_history if "loss" in row and "step" in row]
+    speeds = [row["tokens_per_second"] for row in state.log_history if "tokens_per_second" in row]
+    print(f"      {state.global_step} steps in {result.train_seconds:.1f}s, "
+          f"{state.global_step * args.batch_size * args.block_size / max(result.train_seconds, 1e-9):.0f} tokens/s; "
+          f"model and tokenizer saved to {result.output_dir}")
+
+    print(f"[2/4] held-out perplexity per loop and entropy early-exit sweep ({args.eval_blocks} blocks)")
+    eval_blocks = result.eval_blocks[: args.eval_blocks]
+    if len(eval_blocks) == 0:
+        raise SystemExit("the held-out text is shorter than one block: give more text or a smaller --block-size")
+    nll, _ = loop_token_losses(model, eval_blocks)
+    per_loop = per_loop_perplexity(config, nll)
+    sweep = entropy_exit_sweep(model, eval_blocks, sorted(args.thresholds))
+    choice = summarise_sweep(per_loop, sweep)
+    threshold = choice["chosen"]["threshold"]
+    for row in per_loop:
+        print(f"      exit after loop {row['exit_loop']}: perplexity {row['perplexity']:8.2f}  "
+              f"(depth {row['depth_fraction']:.2f})")
+    for row in sweep:
+        print(f"      entropy <= {row['threshold']:<4g}: perplexity {row['perplexity']:8.2f}  "
+              f"mean loops {row['mean_loops']:.2f}  compute saved {row['compute_saved']:6.1%}")
+
+    print(f"[3/4] sample ({args.sample_tokens} tokens) with adaptive exit, entropy <= {threshold:g}")
+    prompt = eval_blocks[:1, :24]
+    adaptive = _generate(model, tokenizer, prompt, args.sample_tokens, args.seed,
+                         exit_criterion="entropy", exit_threshold=threshold)
+    full = _generate(model, tokenizer, prompt, args.sample_tokens, args.seed)
+    print(f"      prompt   : {tokenizer.decode(prompt[0])!r}")
+    print(f"      adaptive : {adaptive['text']!r}")
+    print(f"      full     : {full['text']!r}")
+    print(f"      adaptive exit saved {adaptive['compute_saved']:.1%} of the decode depth steps "
+          f"({adaptive['seconds']:.2f}s vs {full['seconds']:.2f}s at full depth)")
+    if adaptive["decode_steps"] == 0:
+        import transformers
+
+        print(f"      warning: generate() ran no cached decode step (transformers {transformers.__version__}), so no "
+              "decode compute was saved or measured")
+
+    print("[4/4] writing summary and plot")
+    title = (f"{args.preset} preset, {config.num_prelude_layers}+{config.num_loop_layers}x{config.num_loops}"
+             f"+{config.num_coda_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters, "
+             f"{state.global_step} steps")
+    plot_path = plot_summary(output_dir / "main_job.png", losses, per_loop, sweep, title)
+    summary = {
+        "preset": args.preset,
+        "text": args.text or "python pydoc_data.topics",
+        "config": {key: getattr(config, key) for key in (
+            "vocab_size", "hidden_size", "num_prelude_layers", "num_loop_layers", "num_loops", "num_coda_layers",
+            "num_experts", "num_experts_per_tok", "loop_loss_weights", "router_aux_loss_coef", "router_z_loss_coef")},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": {"steps": state.global_step, "seconds": round(result.train_seconds, 1),
+                     "final_loss": losses[-1][1] if losses else None,
+                     "mean_logged_tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else None,
+                     "train_blocks": list(result.train_blocks.shape), "held_out_tokens": int(nll.shape[1])},
+        "per_loop": per_loop,
+        "entropy_sweep": sweep,
+        "sweep_choice": choice,
+        "sample": {"prompt": tokenizer.decode(prompt[0]), "threshold": threshold, "adaptive": adaptive,
+                   "full_depth": full},
+        "model_dir": str(result.output_dir),
+        "plot": str(plot_path),
+        "wall_seconds": round(time.perf_counter() - job_start, 1),
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"      {output_dir / 'summary.json'}, {plot_path}; total {summary['wall_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
