@@ -480,7 +480,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         return float(2 * matmul + attention)
 
     def parameter_summary(self) -> dict[str, Any]:
-        """Totals used by the presets table and the demo."""
+        """Totals used by the presets table and the main job."""
         return {
             "depth_steps": self.num_hidden_layers,
             "unique_layers": self.num_unique_layers,
