@@ -7,7 +7,7 @@ PRESET ?= tiny
 # torch first and pinned: 2.13.0 is the CPU build on this disk; an unpinned torch may pull a multi-GB CUDA build.
 install:
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,eval]"
 
 demo: install
 	$(PYTHON) -m modeling_looped_moe.main_job --preset $(PRESET) $(ARGS)

@@ -1,0 +1,88 @@
+"""`lm_eval` with looped-moe registered and the local tasks of `eval/tasks/` available: the same CLI, same flags.
+
+    python eval/lm_eval_looped.py --model hf --model_args pretrained=DIR,num_loops=3,exit_loop=2 \
+        --tasks local_blimp,local_perplexity,local_cloze --metadata blimp_path=../shared/data/blimp --device cpu
+
+Differences from plain `lm_eval`:
+- `modeling_looped_moe` is imported first, so saved looped-moe folders load through the Auto classes without
+  `trust_remote_code` (plain `lm_eval` needs `--model_args ...,trust_remote_code=True`).
+- `eval/tasks/` is always on the task search path (in addition to any `--include_path`).
+- When every requested task is one of the local tasks (or their tag `looped_moe_local`), lm-eval's thousands of
+  built-in task configs are not indexed (saves several seconds per run); any other task name indexes them as usual.
+
+Evaluation-time settings are config fields and pass through `--model_args`: `num_loops`, `exit_loop`,
+`exit_criterion`, `exit_threshold`, `exit_kv_policy`. Do not use `--use_cache` across such settings: its keys do not
+include them, so it returns stale results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def ensure_package_importable() -> None:
+    """Import `modeling_looped_moe` (registering the Auto classes), adding the repository root only if needed."""
+    try:
+        import modeling_looped_moe  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        import modeling_looped_moe  # noqa: F401
+
+
+def local_task_names(tasks_dir: Path = TASKS_DIR) -> set[str]:
+    """Task and tag names defined by the YAML files in `tasks_dir` (read with a regex: no YAML tags resolved)."""
+    names = set()
+    for yaml_file in tasks_dir.glob("*.yaml"):
+        for match in re.finditer(r"^(?:task|tag):\s*([\w.-]+)\s*$", yaml_file.read_text(), flags=re.MULTILINE):
+            names.add(match.group(1))
+    return names
+
+
+def requested_tasks(argv: list[str]) -> list[str]:
+    """The task names given with `--tasks` / `-t` (space or comma separated)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tasks", "-t", nargs="+", default=[])
+    known, _ = parser.parse_known_args(argv)
+    return [name for value in known.tasks for name in value.split(",") if name]
+
+
+def install_task_manager(only_local: bool, tasks_dir: Path = TASKS_DIR) -> None:
+    """Make lm-eval's `TaskManager` always search `tasks_dir`, and skip the built-in tasks when `only_local`."""
+    import lm_eval.tasks
+
+    base = lm_eval.tasks.TaskManager
+    if getattr(base, "_looped_moe_patched", False):
+        base = base.__bases__[0]
+
+    class LoopedMoeTaskManager(base):
+        _looped_moe_patched = True
+
+        def __init__(self, *args, include_path=None, include_defaults: bool = True, **kwargs):
+            paths = [] if include_path is None else ([include_path] if isinstance(include_path, (str, Path))
+                                                     else list(include_path))
+            paths = [str(tasks_dir)] + [str(p) for p in paths if Path(p).resolve() != tasks_dir.resolve()]
+            super().__init__(*args, include_path=paths, include_defaults=include_defaults and not only_local,
+                             **kwargs)
+
+    lm_eval.tasks.TaskManager = LoopedMoeTaskManager
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run lm-eval's command line on `argv` (default: `sys.argv[1:]`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ensure_package_importable()
+    tasks = requested_tasks(argv)
+    install_task_manager(only_local=bool(tasks) and set(tasks) <= local_task_names())
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
