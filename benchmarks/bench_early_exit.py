@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM  # noqa: E402
+from modeling_looped_moe import LoopedMoeForCausalLM  # noqa: E402
+from modeling_looped_moe.quick_train_looped_moe import build_small_looped_moe, train_for_seconds  # noqa: E402
 from modeling_looped_moe.data_looped_moe import (  # noqa: E402
     python_docs_corpus,
     read_texts,
@@ -33,43 +34,6 @@ from modeling_looped_moe.data_looped_moe import (  # noqa: E402
 
 
 THRESHOLDS = {"entropy": [1.0, 2.0, 3.0], "confidence": [0.9, 0.6, 0.4], "kl": [0.02, 0.1, 0.3]}
-
-
-def build_model(vocab_size: int, num_loops: int) -> LoopedMoeForCausalLM:
-    """A fully looped MoE (no prelude/coda, as in the Looped-MoE paper) with deep supervision at every loop."""
-    config = LoopedMoeConfig(
-        vocab_size=vocab_size, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=512, qk_norm="head", num_prelude_layers=0, num_loop_layers=2, num_loops=num_loops,
-        num_coda_layers=0, intermediate_size=512, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-        router_aux_loss_coef=0.01, router_z_loss_coef=1e-4, loop_loss_weights=[0.5] * (num_loops - 1) + [1.0],
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LoopedMoeForCausalLM(config)
-
-
-def train(model, blocks: torch.Tensor, seconds: float, batch_size: int, lr: float) -> list[float]:
-    """AdamW with warm-up and cosine decay over a wall-clock budget; returns the loss history."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    model.train()
-    losses, start, step = [], time.perf_counter(), 0
-    progress = tqdm(total=int(seconds), desc="training (s)", unit="s")
-    while (elapsed := time.perf_counter() - start) < seconds:
-        fraction = elapsed / seconds
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * fraction))
-        batch = blocks[torch.randint(0, len(blocks), (batch_size,))]
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        progress.update(int(time.perf_counter() - start) - progress.n)
-        progress.set_postfix(step=step, loss=f"{loss.item():.3f}")
-    progress.close()
-    model.eval()
-    return losses
 
 
 @torch.no_grad()
@@ -135,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = train_bpe_tokenizer(train_text, vocab_size=2048)
         train_blocks = token_blocks(tokenizer(train_text)["input_ids"], args.block_size)
-        model = build_model(len(tokenizer), args.num_loops)
-        losses = train(model, train_blocks, args.train_seconds, args.batch_size, args.lr)
+        model = build_small_looped_moe(len(tokenizer), args.num_loops)
+        losses = train_for_seconds(model, train_blocks, args.train_seconds, args.batch_size, args.lr)
         if args.save:
             model.save_pretrained(args.save)
             tokenizer.save_pretrained(args.save)

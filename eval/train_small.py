@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 try:
     import modeling_looped_moe  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM  # noqa: E402
+from modeling_looped_moe.quick_train_looped_moe import build_small_looped_moe, train_for_seconds  # noqa: E402
 from modeling_looped_moe.data_looped_moe import (  # noqa: E402
     python_docs_corpus,
     read_texts,
@@ -38,64 +35,6 @@ from modeling_looped_moe.data_looped_moe import (  # noqa: E402
     token_blocks,
     train_bpe_tokenizer,
 )
-
-
-def build_model(vocab_size: int, num_loops: int, hidden_size: int = 128) -> LoopedMoeForCausalLM:
-    """A fully looped MoE: 2 unique layers looped `num_loops` times, top-2 of 8 experts, loss at every loop.
-
-    Args:
-        vocab_size: Tokenizer size.
-        num_loops: Loops of the 2-layer block.
-        hidden_size: Residual width (experts are `hidden_size` wide, the dense MLP 4x).
-
-    Returns:
-        A freshly initialised model.
-    """
-    config = LoopedMoeConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=hidden_size // 4, max_position_embeddings=512, qk_norm="head", num_prelude_layers=0,
-        num_loop_layers=2, num_loops=num_loops, num_coda_layers=0, intermediate_size=4 * hidden_size,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden_size, router_aux_loss_coef=0.01,
-        router_z_loss_coef=1e-4, loop_loss_weights=[0.5] * (num_loops - 1) + [1.0],
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LoopedMoeForCausalLM(config)
-
-
-def train(model: LoopedMoeForCausalLM, blocks: torch.Tensor, seconds: float, batch_size: int,
-          lr: float) -> list[float]:
-    """AdamW with warm-up and cosine decay over a wall-clock budget.
-
-    Args:
-        model: The model to train in place.
-        blocks: `[num_blocks, block_size]` token ids.
-        seconds: Wall-clock budget.
-        batch_size: Blocks per step.
-        lr: Peak learning rate.
-
-    Returns:
-        The loss of every step.
-    """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    model.train()
-    losses, start, step = [], time.perf_counter(), 0
-    progress = tqdm(total=int(seconds), desc="training (s)", unit="s")
-    while (elapsed := time.perf_counter() - start) < seconds:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
-        batch = blocks[torch.randint(0, len(blocks), (batch_size,))]
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        progress.update(min(int(time.perf_counter() - start), int(seconds)) - progress.n)
-        progress.set_postfix(step=step, loss=f"{loss.item():.3f}")
-    progress.close()
-    model.eval()
-    return losses
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     train_text, held_out_text = "\n\n".join(train_parts), "\n\n".join(held_out_parts)
     tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab_size)
     blocks = token_blocks(tokenizer(train_text)["input_ids"], args.block_size)
-    model = build_model(len(tokenizer), args.num_loops, args.hidden_size)
-    losses = train(model, blocks, args.train_seconds, args.batch_size, args.lr)
+    model = build_small_looped_moe(len(tokenizer), args.num_loops, args.hidden_size)
+    losses = train_for_seconds(model, blocks, args.train_seconds, args.batch_size, args.lr)
 
     out = Path(args.save)
     model.save_pretrained(out)
