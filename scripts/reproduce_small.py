@@ -1,0 +1,439 @@
+"""Small-scale reproduction of the Looped-MoE paper's four models (plus LoopMoE's IterAdaLN) on the King James Bible.
+
+    python scripts/reproduce_small.py [--text FILE] [--steps 600] [--jobs 2] [--output-dir outputs/reproduce_small]
+
+Models, all at 8 effective layers (depth steps), hidden 128, 4 heads of 32, dense MLP width F = 512, and
+matched active parameters per token (experts: top-2 of 8, width F / 2 = 256, so two experts cost one dense MLP):
+
+| name | layout | FFN |
+| --- | --- | --- |
+| `base` | 8 unique layers x 1 | dense |
+| `looped_dense` | 4 unique layers x 2 loops | dense |
+| `moe` | 8 unique layers x 1 | 8 experts, top-2 |
+| `looped_moe` | 4 unique layers x 2 loops (router and experts shared across loops) | 8 experts, top-2 |
+| `looped_moe_iter_adaln` | as `looped_moe`, plus `loop_conditioning="iter_adaln"` (LoopMoE) | 8 experts, top-2 |
+
+Every model is trained for the same number of optimizer steps on the same token blocks in the same order (one
+shared byte-level BPE tokenizer trained on the training text only, one seed for data order and initialisation),
+with AdamW (the train command's defaults: lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices, clipping 1.0,
+linear warm-up over 5 % of the steps then cosine decay to 0). No deep supervision, no random loop counts: the
+plain next-token loss at the last layer, plus the router losses (load balancing 0.01, z-loss 1e-4) for MoE models.
+
+Data: `bible -l0 gen1:1-rev22:21` (Debian package `bible-kjv`), verse numbers stripped; the last chapters holding
+`--held-out-fraction` (5 %) of the characters (the end of the New Testament) are held out. With `--text FILE`, that
+file is used instead and the held-out part is its end, cut at a paragraph boundary.
+
+Reported per model: held-out loss and perplexity (mean next-token cross-entropy over whole 128-token blocks of the
+held-out text), BLiMP accuracy (the six paradigms in `../shared/data/blimp`; a pair is right when the good sentence
+has the higher total log-likelihood, each sentence scored after a newline, the position KJV verses start at), stored
+and active parameters per token (config accounting, embeddings and head included, loops counted per application),
+training tokens and time. For looped MoE models also the routing analysis of `analyze_routing` on held-out text:
+per loop-block layer the fraction of tokens whose top-2 expert sets are identical / disjoint in loops 1 and 2, and
+the normalised Jensen-Shannon divergence of loop 1's output (through the final norm and head) to the final output.
+
+Models train in `--jobs` parallel processes with one torch thread each. Writes `results.json` and `results.md`
+(Markdown tables, also printed) into `--output-dir`, and saves every model and the tokenizer there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
+from modeling_looped_moe.data_looped_moe import (
+    split_held_out,
+    token_blocks,
+    train_bpe_tokenizer,
+)
+from modeling_looped_moe.routing_analysis_looped_moe import analyze_routing
+from modeling_looped_moe.training_looped_moe import optimizer_param_groups
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BLIMP = REPO_ROOT.parent / "shared" / "data" / "blimp"
+BIBLE_COMMAND = ["bible", "-l0", "gen1:1-rev22:21"]
+
+HIDDEN, HEADS, DENSE_WIDTH = 128, 4, 512
+COMMON_CONFIG = {
+    "hidden_size": HIDDEN, "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "head_dim": HIDDEN // HEADS,
+    "intermediate_size": DENSE_WIDTH, "moe_intermediate_size": DENSE_WIDTH // 2, "num_experts_per_tok": 2,
+    "num_prelude_layers": 0, "num_coda_layers": 0, "per_loop_router": False, "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.01, "router_z_loss_coef": 1e-4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+MODELS = {
+    "base": {"num_loop_layers": 8, "num_loops": 1, "num_experts": 0},
+    "looped_dense": {"num_loop_layers": 4, "num_loops": 2, "num_experts": 0},
+    "moe": {"num_loop_layers": 8, "num_loops": 1, "num_experts": 8},
+    "looped_moe": {"num_loop_layers": 4, "num_loops": 2, "num_experts": 8},
+    "looped_moe_iter_adaln": {"num_loop_layers": 4, "num_loops": 2, "num_experts": 8, "loop_conditioning": "iter_adaln"},
+}
+# Rough relative step cost (measured on this machine), to start the slowest models first.
+STEP_COST = {"looped_moe_iter_adaln": 1.0, "looped_moe": 0.9, "moe": 0.8, "base": 0.6, "looped_dense": 0.6}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+def kjv_text() -> str:
+    """The KJV from the `bible` command, verse numbers stripped; exits with a message if it is missing."""
+    if shutil.which("bible") is None:
+        sys.exit("error: the `bible` command is missing. Install it with `apt-get install bible-kjv`, "
+                 "or pass --text FILE.")
+    result = subprocess.run(BIBLE_COMMAND, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or len(result.stdout) < 1_000_000:
+        sys.exit(f"error: `{' '.join(BIBLE_COMMAND)}` failed (exit {result.returncode}, "
+                 f"{len(result.stdout)} characters): {result.stderr.strip()[:500]}")
+    return re.sub(r"(?m)^ +\d+ ", "", result.stdout)
+
+
+def split_chapters(text: str, held_out_fraction: float) -> tuple[str, str, str]:
+    """Hold out the last whole chapters of the KJV (at least `held_out_fraction` of the characters).
+
+    Returns:
+        (train text, held-out text, first held-out chapter heading).
+    """
+    headings = [m.start() for m in re.finditer(r"(?m)^[1-3A-Z][A-Za-z ]*[A-Za-z] \d+$", text)]
+    if len(headings) < 100:
+        raise ValueError(f"found only {len(headings)} chapter headings; is this the KJV?")
+    limit = len(text) * (1 - held_out_fraction)
+    cut = max(start for start in headings if start <= limit)
+    return text[:cut], text[cut:], text[cut:].splitlines()[0]
+
+
+def load_blimp(folder: Path) -> dict[str, list[tuple[str, str]]]:
+    """`{paradigm: [(sentence_good, sentence_bad), ...]}` from BLiMP-format `*.jsonl` files."""
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        sys.exit(f"error: no BLiMP *.jsonl files in {folder}")
+    pairs = {}
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pairs[path.stem] = [(row["sentence_good"], row["sentence_bad"]) for row in rows]
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One model (runs in a worker process)
+# ----------------------------------------------------------------------------------------------------------------------
+def build_config(name: str, vocab_size: int, block_size: int) -> LoopedMoeConfig:
+    """The config of model `name` (see `MODELS`)."""
+    return LoopedMoeConfig(vocab_size=vocab_size, max_position_embeddings=block_size, **COMMON_CONFIG, **MODELS[name])
+
+
+def lm_loss_of(model: LoopedMoeForCausalLM, output) -> torch.Tensor:
+    """The language-model part of the training loss (router losses taken out), for logging."""
+    loss = output.loss
+    if output.aux_loss is not None:
+        loss = loss - model.config.router_aux_loss_coef * output.aux_loss - model.config.router_z_loss_coef * output.z_loss
+    return loss
+
+
+@torch.no_grad()
+def held_out_loss(model: LoopedMoeForCausalLM, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted position of the blocks."""
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        logits = model(batch).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def sentence_logprobs(model: LoopedMoeForCausalLM, sequences: list[list[int]], prefix_len: int,
+                      batch_size: int = 256) -> list[float]:
+    """Total log-probability of each sequence's tokens after its first `prefix_len` tokens (batched by length)."""
+    scores = [0.0] * len(sequences)
+    by_length: dict[int, list[int]] = {}
+    for idx, seq in enumerate(sequences):
+        by_length.setdefault(len(seq), []).append(idx)
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            ids = torch.tensor([sequences[i] for i in chunk], dtype=torch.long)
+            logprobs = model(ids).logits[:, :-1].float().log_softmax(-1)
+            token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0][:, prefix_len - 1 :].sum(-1)
+            for i, value in zip(chunk, token_lp.tolist()):
+                scores[i] = value
+    return scores
+
+
+def blimp_accuracy(model: LoopedMoeForCausalLM, blimp_ids: dict[str, list[tuple[list[int], list[int]]]],
+                   prefix_len: int) -> dict[str, float]:
+    """Accuracy per paradigm: fraction of pairs whose good sentence has the higher log-likelihood."""
+    accuracy = {}
+    for paradigm, pairs in blimp_ids.items():
+        good = sentence_logprobs(model, [g for g, _ in pairs], prefix_len)
+        bad = sentence_logprobs(model, [b for _, b in pairs], prefix_len)
+        accuracy[paradigm] = sum(g > b for g, b in zip(good, bad)) / len(pairs)
+    return accuracy
+
+
+def routing_summary(report: dict) -> dict:
+    """Loops 1 vs 2 top-k agreement per layer and loop 1's JSD to the final output, from an `analyze_routing` report."""
+    pairs = [
+        {"layer": p["layer"], "identical": p["identical"], "disjoint": p["disjoint"], "mean_overlap": p["mean_overlap"]}
+        for p in report["loop_pairs"] if p["loop_a"] == 1 and p["loop_b"] == 2
+    ]
+    jsd = next((c for c in report["loop_convergence"] if c["loop"] == 1), None)
+    max_load = [e["max_over_uniform"] for e in report["expert_load"]]
+    return {
+        "num_tokens": report["num_tokens"],
+        "loop1_vs_loop2": pairs,
+        "identical_mean": sum(p["identical"] for p in pairs) / len(pairs),
+        "disjoint_mean": sum(p["disjoint"] for p in pairs) / len(pairs),
+        "loop1_jsd_to_final_mean": jsd["jsd_to_final_mean"] if jsd else None,
+        "loop1_jsd_to_final_std": jsd["jsd_to_final_std"] if jsd else None,
+        "expert_load_max_over_uniform_mean": sum(max_load) / len(max_load),
+    }
+
+
+def run_model(job: dict) -> dict:
+    """Train, evaluate and save one model; returns its results (also written to `DIR/<name>/result.json`)."""
+    torch.set_num_threads(1)
+    name, args = job["name"], job["args"]
+    data = torch.load(job["data_path"])
+    train_blocks, held_blocks, order = data["train_blocks"], data["held_blocks"], data["order"]
+    torch.manual_seed(args["seed"])
+    config = build_config(name, data["vocab_size"], args["block_size"])
+    model = LoopedMoeForCausalLM(config)
+    stored = sum(p.numel() for p in model.parameters())
+    if stored != config.num_total_parameters():
+        raise RuntimeError(f"{name}: {stored} parameters, config accounting says {config.num_total_parameters()}")
+
+    steps, batch_size, lr = args["steps"], args["batch_size"], args["lr"]
+    warmup = max(1, round(args["warmup_fraction"] * steps))
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, lr, args["weight_decay"]), lr=lr, betas=(0.9, 0.95))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    model.train()
+    log, window = [], []
+    progress = tqdm(range(steps), desc=f"{name:>22}", position=job["slot"], leave=True, mininterval=2.0,
+                    dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in progress:
+        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]
+        output = model(batch, labels=batch)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(lm_loss_of(model, output).item())
+        if (step + 1) % args["log_every"] == 0 or step + 1 == steps:
+            log.append({"step": step + 1, "lm_loss": sum(window) / len(window), "seconds": time.perf_counter() - start})
+            progress.set_postfix(loss=f"{log[-1]['lm_loss']:.3f}")
+            window = []
+    train_seconds = time.perf_counter() - start
+    progress.close()
+    model.eval()
+
+    start = time.perf_counter()
+    loss = held_out_loss(model, held_blocks, batch_size=32)
+    blimp = blimp_accuracy(model, data["blimp_ids"], data["blimp_prefix_len"])
+    routing = None
+    if config.num_experts > 0 and config.num_loops > 1:
+        report = analyze_routing(model, held_blocks[: args["routing_blocks"]], batch_size=8)
+        routing = routing_summary(report)
+    eval_seconds = time.perf_counter() - start
+
+    out = Path(args["output_dir"]) / name
+    model.save_pretrained(out)
+    result = {
+        "name": name,
+        "layout": f"{config.num_loop_layers}x{config.num_loops}",
+        "depth_steps": config.num_hidden_layers,
+        "num_experts": config.num_experts,
+        "loop_conditioning": config.loop_conditioning,
+        "stored_parameters": config.num_total_parameters(),
+        "active_parameters_per_token": config.num_active_parameters(),
+        "active_non_embedding_parameters_per_token": config.num_active_parameters() - config._embedding_parameters(),
+        "steps": steps,
+        "train_tokens": steps * batch_size * args["block_size"],
+        "train_seconds": train_seconds,
+        "final_train_lm_loss": log[-1]["lm_loss"],
+        "held_out_loss": loss,
+        "held_out_perplexity": math.exp(loss),
+        "held_out_tokens": int(held_blocks[:, 1:].numel()),
+        "blimp": blimp,
+        "blimp_mean": sum(blimp.values()) / len(blimp),
+        "routing": routing,
+        "eval_seconds": eval_seconds,
+        "train_log": log,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------------
+def markdown_tables(results: list[dict], setup: dict) -> str:
+    """The Markdown tables of the results."""
+    lines = [
+        ("| model | layout | stored params | active params / token | train tokens | train time | held-out loss "
+         "| perplexity | BLiMP (mean of 6) |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        layout = f"{r['layout']}" + (f", {r['num_experts']} experts top-2" if r["num_experts"] else ", dense")
+        if r["loop_conditioning"] != "none":
+            layout += f", {r['loop_conditioning']}"
+        lines.append(
+            f"| {r['name']} | {layout} | {r['stored_parameters']:,} | {r['active_parameters_per_token']:,} "
+            f"| {r['train_tokens']:,} | {r['train_seconds']:.0f} s | {r['held_out_loss']:.4f} "
+            f"| {r['held_out_perplexity']:.1f} | {r['blimp_mean']:.4f} |"
+        )
+    paradigms = list(results[0]["blimp"])
+    lines += ["", "| BLiMP paradigm | " + " | ".join(r["name"] for r in results) + " |",
+              "| --- |" + " ---: |" * len(results)]
+    for paradigm in paradigms:
+        lines.append(f"| {paradigm} | " + " | ".join(f"{r['blimp'][paradigm]:.3f}" for r in results) + " |")
+    routed = [r for r in results if r["routing"]]
+    if routed:
+        lines += ["", "| model | layer | identical top-2 set, loops 1-2 | disjoint | mean overlap |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in routed:
+            for p in r["routing"]["loop1_vs_loop2"]:
+                lines.append(f"| {r['name']} | {p['layer']} | {p['identical']:.3f} | {p['disjoint']:.3f} "
+                             f"| {p['mean_overlap']:.3f} |")
+            lines.append(f"| {r['name']} | mean | {r['routing']['identical_mean']:.3f} "
+                         f"| {r['routing']['disjoint_mean']:.3f} | |")
+        header = ("| model | JSD(loop 1 output, final output) / ln 2, mean (std) | expert load max/uniform (mean over "
+                  "depth steps) | tokens analysed |")
+        lines += ["", header, "| --- | ---: | ---: | ---: |"]
+        for r in routed:
+            g = r["routing"]
+            lines.append(f"| {r['name']} | {g['loop1_jsd_to_final_mean']:.4f} ({g['loop1_jsd_to_final_std']:.4f}) "
+                         f"| {g['expert_load_max_over_uniform_mean']:.2f} | {g['num_tokens']:,} |")
+    lines += ["", f"Setup: {json.dumps(setup)}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--text", help="train on this text file instead of the KJV from the `bible` command")
+    parser.add_argument("--output-dir", default="outputs/reproduce_small")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per model (the same for all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="blocks per step")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup-fraction", type=float, default=0.05)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--held-out-fraction", type=float, default=0.05)
+    parser.add_argument("--max-held-out-blocks", type=int, default=512, help="held-out blocks scored for the loss")
+    parser.add_argument("--routing-blocks", type=int, default=64, help="held-out blocks for the routing analysis")
+    parser.add_argument("--blimp-path", default=str(DEFAULT_BLIMP))
+    parser.add_argument("--max-blimp-pairs", type=int, default=None, help="pairs per paradigm (default: all)")
+    parser.add_argument("--max-train-chars", type=int, default=None, help="truncate the training text (smoke runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="models trained in parallel (1 torch thread each)")
+    parser.add_argument("--log-every", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the reproduction; returns the exit code."""
+    args = parse_args(argv)
+    wall_start = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        train_text, held_text = split_held_out(text, args.held_out_fraction)
+        source, held_from = f"file {args.text}", "paragraph boundary"
+    else:
+        train_text, held_text, held_from = split_chapters(kjv_text(), args.held_out_fraction)
+        source = "KJV: " + " ".join(BIBLE_COMMAND) + " (verse numbers stripped)"
+    if args.max_train_chars:
+        train_text = train_text[: args.max_train_chars]
+    print(f"text: {source}; train {len(train_text):,} chars, held out {len(held_text):,} chars from {held_from!r}")
+    (out / "held_out.txt").write_text(held_text, encoding="utf-8")
+
+    torch.manual_seed(args.seed)
+    tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    train_blocks = token_blocks(tokenizer(train_text)["input_ids"], args.block_size)
+    held_blocks = token_blocks(tokenizer(held_text)["input_ids"], args.block_size)[: args.max_held_out_blocks]
+    needed = args.steps * args.batch_size
+    generator = torch.Generator().manual_seed(args.seed)
+    epochs = math.ceil(needed / len(train_blocks))
+    order = torch.cat([torch.randperm(len(train_blocks), generator=generator) for _ in range(epochs)])[:needed]
+    print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; {len(train_blocks):,} training blocks of "
+          f"{args.block_size} ({train_blocks.numel():,} tokens); {needed * args.block_size:,} training tokens per model "
+          f"= {needed / len(train_blocks):.2f} epochs; {len(held_blocks)} held-out blocks")
+
+    blimp = load_blimp(Path(args.blimp_path))
+    prefix = tokenizer.encode("\n", add_special_tokens=False)
+    blimp_ids = {
+        paradigm: [(prefix + tokenizer.encode(g, add_special_tokens=False),
+                    prefix + tokenizer.encode(b, add_special_tokens=False)) for g, b in pairs[: args.max_blimp_pairs]]
+        for paradigm, pairs in blimp.items()
+    }
+    data_path = out / "data.pt"
+    torch.save({"train_blocks": train_blocks, "held_blocks": held_blocks, "order": order, "vocab_size": len(tokenizer),
+                "blimp_ids": blimp_ids, "blimp_prefix_len": len(prefix)}, data_path)
+
+    names = sorted(args.models, key=lambda n: -STEP_COST[n])
+    jobs = [{"name": n, "slot": i, "data_path": str(data_path), "args": vars(args)} for i, n in enumerate(names)]
+    results: dict[str, dict] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_model, job): job["name"] for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            results[result["name"]] = result
+            tqdm.write(f"done: {result['name']}: held-out loss {result['held_out_loss']:.4f}, "
+                       f"BLiMP {result['blimp_mean']:.4f} ({result['train_seconds']:.0f} s training)")
+    ordered = [results[n] for n in MODELS if n in results]
+    setup = {
+        "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
+        "text": source, "held_out_from": held_from, "train_chars": len(train_text), "held_out_chars": len(held_text),
+        "vocab_size": len(tokenizer), "train_blocks": len(train_blocks), "held_out_blocks": len(held_blocks),
+        "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "block_size": args.block_size,
+        "lr": args.lr, "jobs": args.jobs, "torch_threads_per_job": 1,
+        "blimp_pairs": sum(len(p) for p in blimp_ids.values()),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1),
+    }
+    tables = markdown_tables(ordered, setup)
+    (out / "results.json").write_text(json.dumps({"setup": setup, "models": ordered}, indent=2) + "\n")
+    (out / "results.md").write_text(tables + "\n")
+    data_path.unlink()
+    print()
+    print(tables)
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({setup['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
