@@ -7,6 +7,7 @@ safetensors headers only, checks them against the config, and then reads one lay
 
 from __future__ import annotations
 
+import math
 import json
 import re
 from collections import defaultdict
@@ -55,10 +56,7 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         """Number of elements."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,7 @@ the moment it is produced and dropped, so memory never holds more than the tenso
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import shutil
@@ -46,10 +47,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def parse_size(size: str | int) -> int:

@@ -14,15 +14,20 @@ def python_docs_corpus() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
-def read_texts(paths: list[str | Path]) -> str:
-    """Concatenate text files (folders contribute their `*.txt` files, sorted)."""
-    parts = []
+def read_text_files(paths: list[str | Path]) -> list[str]:
+    """The documents in text files (folders contribute their `*.txt` files, sorted)."""
+    documents = []
     for path in map(Path, paths):
         files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"no text files at {path}")
-        parts += [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    return "\n\n".join(parts)
+        documents += [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return documents
+
+
+def read_texts(paths: list[str | Path]) -> str:
+    """Concatenate text files (folders contribute their `*.txt` files, sorted)."""
+    return "\n\n".join(read_text_files(paths))
 
 
 def split_held_out(text: str, held_out_fraction: float = 0.1) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .data_looped_moe import split_held_out, train_bpe_tokenizer
+from .data_looped_moe import read_text_files, split_held_out, train_bpe_tokenizer
 
 _CHUNK_CHARS = 20_000
 
@@ -93,14 +93,6 @@ def config_overrides(args: ModelDataArguments) -> dict[str, Any]:
     return overrides
 
 
-def _read_files(paths: list[str]) -> list[str]:
-    documents = []
-    for path in map(Path, paths):
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        if not files or not all(f.is_file() for f in files):
-            raise FileNotFoundError(f"no text files at {path}")
-        documents += [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    return documents
 
 
 def _read_dataset(args: ModelDataArguments) -> list[str]:
@@ -128,7 +120,7 @@ def load_documents(args: ModelDataArguments) -> tuple[list[str], list[str]]:
         args: Data arguments; text files win over a dataset, which wins over the default corpus.
     """
     if args.text_files:
-        documents = _read_files(args.text_files)
+        documents = read_text_files(args.text_files)
     elif args.dataset_name:
         documents = _read_dataset(args)
     else:
