@@ -86,9 +86,15 @@ MODELS = {
     "moe": {"num_loop_layers": 8, "num_loops": 1, "num_experts": 8},
     "looped_moe": {"num_loop_layers": 4, "num_loops": 2, "num_experts": 8},
     "looped_moe_iter_adaln": {"num_loop_layers": 4, "num_loops": 2, "num_experts": 8, "loop_conditioning": "iter_adaln"},
+    # Tying the Loop: experts tied in consecutive groups between 2 + 2 untied layers, from scratch (g = 1 is `moe`).
+    "moe_tied_g2": {"num_loop_layers": 8, "num_loops": 1, "num_experts": 8, "expert_tying_group_size": 2,
+                    "num_untied_first_layers": 2, "num_untied_last_layers": 2},
+    "moe_tied_g4": {"num_loop_layers": 8, "num_loops": 1, "num_experts": 8, "expert_tying_group_size": 4,
+                    "num_untied_first_layers": 2, "num_untied_last_layers": 2},
 }
 # Rough relative step cost (measured on this machine), to start the slowest models first.
-STEP_COST = {"looped_moe_iter_adaln": 1.0, "looped_moe": 0.9, "moe": 0.8, "base": 0.6, "looped_dense": 0.6}
+STEP_COST = {"looped_moe_iter_adaln": 1.0, "looped_moe": 0.9, "moe": 0.8, "moe_tied_g2": 0.8, "moe_tied_g4": 0.8,
+             "base": 0.6, "looped_dense": 0.6}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
