@@ -210,6 +210,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             [LoopedMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_unique_layers)]
         )
         self.bank_map = config.expert_bank_map()
+        self.schedule = tuple(config.depth_schedule())  # (unique layer, loop) per depth step; fixed at build time
         self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
         self.loop_embeddings = None
         self.iteration_embedding = None
@@ -252,7 +253,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             loop_input: The loop block's input (its first loop's entry state), needed for input re-injection.
         """
         config = self.config
-        layer_idx, loop_idx = config.depth_schedule()[depth_step]
+        layer_idx, loop_idx = self.schedule[depth_step]
         if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx):
             hidden_states = self.enter_loop(hidden_states, loop_idx, loop_input)
         return self.layers[layer_idx](
