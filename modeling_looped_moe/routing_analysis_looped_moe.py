@@ -454,6 +454,16 @@ def text_to_blocks(
     return torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_routing_report(report: dict[str, Any], output_dir: str | Path) -> list[Path]:
     """Write PNG plots of a routing report.
 
@@ -497,10 +507,7 @@ def plot_routing_report(report: dict[str, Any], output_dir: str | Path) -> list[
                                          grid.reshape(-1).tolist()):
                     ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
             fig.colorbar(image, ax=ax, fraction=0.05)
-        fig.tight_layout()
-        written.append(output_dir / "loop_agreement.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save_figure(fig, output_dir / "loop_agreement.png"))
 
     loads = report["expert_load"]
     if loads:
@@ -515,10 +522,7 @@ def plot_routing_report(report: dict[str, Any], output_dir: str | Path) -> list[
         ax.set_xlabel("expert")
         ax.set_title("expert load (fraction of top-k assignments)")
         fig.colorbar(image, ax=ax, fraction=0.05)
-        fig.tight_layout()
-        written.append(output_dir / "expert_load.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save_figure(fig, output_dir / "expert_load.png"))
 
     convergence = report["loop_convergence"]
     if convergence:
@@ -532,10 +536,7 @@ def plot_routing_report(report: dict[str, Any], output_dir: str | Path) -> list[
         ax.set_ylabel("JSD(p_loop, p_final) / ln 2")
         ax.set_ylim(bottom=0.0)
         ax.set_title("convergence to the final output")
-        fig.tight_layout()
-        written.append(output_dir / "loop_convergence.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_save_figure(fig, output_dir / "loop_convergence.png"))
     return written
 
 
