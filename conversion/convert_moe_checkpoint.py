@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Import a pretrained MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as looped_moe, tie its experts, or
-export a tied model back to the source family's format.
+export a tied model back to the source family's format. An untied looped_moe folder (natively trained, or imported
+here) can be tied as well.
 
     python conversion/convert_moe_checkpoint.py --source SRC_DIR --output OUT_DIR [--tie-group-size G]
         [--num-untied-first-layers A] [--num-untied-last-layers B] [--tie-method select|average|aligned]
@@ -32,8 +33,8 @@ from modeling_looped_moe.conversion_tying import TIE_METHODS  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(
-        description=f"Convert a MoE checkpoint ({', '.join(SUPPORTED_MODEL_TYPES)}) into a looped_moe checkpoint "
-                    "with optional expert tying, or back to the source format.")
+        description=f"Convert a MoE checkpoint ({', '.join(SUPPORTED_MODEL_TYPES)}, or an untied looped_moe one) "
+                    "into a looped_moe checkpoint with optional expert tying, or back to the source format.")
     parser.add_argument("--source", required=True, help="source checkpoint folder (config.json + safetensors)")
     parser.add_argument("--output", help="output folder (not needed with --dry-run)")
     parser.add_argument("--tie-group-size", type=int, default=1, help="G consecutive MoE layers share one bank")

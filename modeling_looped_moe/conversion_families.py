@@ -16,6 +16,7 @@ transformers 5 writes with `save_original_format=False` (`mlp.experts.gate_up_pr
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,15 @@ FAMILIES: dict[str, FamilySpec] = {
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 ROUTER_KEY = "mlp.gate.weight"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_ROUTER_KEY = re.compile(r"^mlp\.gate(\.\d+)?\.weight$")
+
+
+def router_keys(layer_tensors: dict[str, Any]) -> list[str]:
+    """The router weights among a layer's canonical relative names: `mlp.gate.weight`, or `mlp.gate.{k}.weight` for
+    the per-loop routers of a looped source."""
+    return [name for name in layer_tensors if _ROUTER_KEY.match(name)]
 
 
 def get_family(model_type: str | None) -> FamilySpec:
@@ -265,4 +275,5 @@ __all__ = [
     "get_family",
     "load_family_config",
     "looped_config_fields",
+    "router_keys",
 ]

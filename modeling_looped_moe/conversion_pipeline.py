@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 from .configuration_looped_moe import LoopedMoeConfig
 from .conversion_families import (
     DTYPES,
-    ROUTER_KEY,
     ConversionError,
     build_looped_config,
     canonical_shapes,
     export_config_dict,
     layer_prefix,
     per_expert_keys,
+    router_keys,
     source_layer_key,
 )
 from .conversion_report import (
@@ -98,6 +98,34 @@ def _check_options(options: ConversionOptions) -> None:
             raise ConversionError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(options, name)}")
 
 
+GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def _check_looped_source(source: SourceCheckpoint, options: ConversionOptions, tying: bool) -> None:
+    """What a `looped_moe` source can be converted into: a tied `looped_moe` folder (from an untied source), or the
+    source family's format (from a folder this converter wrote)."""
+    config = source.config
+    if tying:
+        if source.is_tied:
+            raise ConversionError(f"the looped_moe source is already tied ({config.num_expert_banks} expert banks for "
+                                  f"{len(config.moe_layers)} MoE layers); tying needs an untied source")
+        if options.to_source_format:
+            raise ConversionError("tie a looped_moe source and export it in two runs (the tied folder is the export "
+                                  "source)")
+        return
+    if not options.to_source_format:
+        raise ConversionError("a looped_moe source needs tying options (--tie-group-size > 1 or untied anchor "
+                              "layers) or --to-source-format")
+    if source.family is None:
+        raise ConversionError(f"{source.folder} was not written by this converter (no {CONVERSION_INFO_NAME}), so it "
+                              "has no source family to export to")
+    if config.num_loops != 1:
+        raise ConversionError("export needs num_loops=1 (a looped model has no equivalent in the source family)")
+    if config.loop_conditioning != "none" or config.loop_input_injection != "none":
+        raise ConversionError("export needs loop_conditioning and loop_input_injection 'none' (the source family "
+                              "has neither)")
+
+
 class _Plan:
     """The output of a conversion: config, tensor list (names, shapes, dtypes) and naming."""
 
@@ -105,11 +133,12 @@ class _Plan:
         self.source = source
         self.options = options
         self.out_dtype = DTYPES.get(options.dtype)
+        tying = (options.tie_group_size, options.num_untied_first_layers, options.num_untied_last_layers) != (1, 0, 0)
+        # A looped_moe source is exported as it is, or tied; tying an imported family source may also export.
+        self.exports_looped = source.is_looped and not tying
         if source.is_looped:
-            if (options.tie_group_size, options.num_untied_first_layers, options.num_untied_last_layers) != (1, 0, 0):
-                raise ConversionError("a looped_moe source is already tied; tying options apply to family sources")
-            if not options.to_source_format:
-                raise ConversionError("a looped_moe source can only be exported (--to-source-format)")
+            _check_looped_source(source, options, tying)
+        if self.exports_looped:
             self.config = source.config
         else:
             self.config = build_looped_config(
@@ -120,7 +149,10 @@ class _Plan:
             )
         self.bank_map = self.config.expert_bank_map()
         self.groups = bank_groups(self.config)
-        self.export_prefix = source.family.moe_prefixes[0]
+        self.export_prefix = source.family.moe_prefixes[0] if source.family is not None else None
+        # Tensors outside the layers besides embeddings, final norm and head (a native model's iteration embedding).
+        self.extra_globals = [name for name in canonical_shapes(self.config) if not name.startswith(
+            ("model.layers.", "model.expert_banks.")) and name not in GLOBAL_NAMES]
         self.tensors: list[PlannedTensor] = self._plan_tensors()
 
     def dtype_for(self, source_dtype: torch.dtype) -> torch.dtype:
@@ -169,12 +201,14 @@ class _Plan:
         plan.append(global_tensor("model.norm.weight"))
         if not config.tie_word_embeddings:
             plan.append(global_tensor("lm_head.weight"))
+        plan += [global_tensor(name) for name in self.extra_globals]
         return plan
 
 
-def _source_config_dict(source: SourceCheckpoint) -> dict[str, Any]:
+def _source_config_dict(source: SourceCheckpoint) -> dict[str, Any] | None:
+    """The family config of the original checkpoint (`None` for a natively trained looped_moe source)."""
     if source.is_looped:
-        return copy.deepcopy(source.conversion_info["source_config"])
+        return copy.deepcopy((source.conversion_info or {}).get("source_config"))
     return copy.deepcopy(source.config_dict)
 
 
@@ -214,7 +248,7 @@ class _Runner:
     def _bank(self, bank: int) -> TiedBank:
         if bank not in self.banks:
             layers = self.plan.groups[bank]
-            method = "select" if self.source.is_looped else self.plan.options.tie_method
+            method = "select" if self.plan.exports_looped else self.plan.options.tie_method
             tied = tie_group(layers, self.source.read_experts, method, use_scipy=self.plan.options.use_scipy)
             dtype = self.plan.bank_dtype(bank)
             self.banks[bank] = TiedBank(tied.gate_up.to(dtype), tied.down.to(dtype), tied.permutations)
@@ -237,9 +271,10 @@ class _Runner:
             permutation = bank.permutations[layer_idx]
             self.permutations[layer_idx] = permutation
             if permutation != sorted(permutation):
-                converted[ROUTER_KEY] = tensors[ROUTER_KEY][permutation]
+                for key in router_keys(tensors):  # per-loop routers of a looped source are all permuted
+                    converted[key] = tensors[key][permutation]
             if self.calibrator is not None:
-                if self.source.is_looped or (len(group) == 1 and self.plan.out_dtype is None):
+                if self.plan.exports_looped or (len(group) == 1 and self.plan.out_dtype is None):
                     source_experts = (bank.gate_up, bank.down)
                 else:
                     source_experts = self.source.read_experts(layer_idx)
@@ -274,6 +309,8 @@ class _Runner:
         self.write("model.norm.weight", self.source.read_global("model.norm.weight"))
         if not self.config.tie_word_embeddings:
             self.write("lm_head.weight", self.source.read_global("lm_head.weight"))
+        for name in self.plan.extra_globals:
+            self.write(name, self.source.read_global(name))
 
 
 def _write_looped_metadata(folder: Path, plan: _Plan) -> None:
@@ -299,8 +336,8 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
     """Converts a MoE checkpoint folder (see the module docstring).
 
     Args:
-        source: A `mixtral`, `qwen2_moe`, `qwen3_moe` or `olmoe` folder, or a `looped_moe` folder written by this
-            converter (export only).
+        source: A `mixtral`, `qwen2_moe`, `qwen3_moe` or `olmoe` folder, or a `looped_moe` folder: an untied one
+            (trained natively or imported) to tie, or one written by this converter to export.
         output: The output folder (unused with `dry_run`).
         options: [`ConversionOptions`].
         log: Where one-line messages and the dry-run table go.
@@ -319,7 +356,8 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
     source_ckpt = SourceCheckpoint(source)
     plan = _Plan(source_ckpt, options)
     report: dict[str, Any] = dict(
-        source=str(source), source_model_type=source_ckpt.model_type, family=source_ckpt.family.model_type,
+        source=str(source), source_model_type=source_ckpt.model_type,
+        family=None if source_ckpt.family is None else source_ckpt.family.model_type,
         output=None if output is None else str(output),
         output_format=source_ckpt.family.model_type if options.to_source_format else LoopedMoeConfig.model_type,
         options={k: v for k, v in asdict(options).items() if k not in ("progress", "overwrite")},
@@ -339,14 +377,17 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
         raise ConversionError("an output folder is needed unless --dry-run is given")
     # With one bank per layer and no dtype change every output tensor is a bit-identical copy of a source tensor,
     # so every MoE block error is exactly 0 and the calibration pass would only cost time.
-    bit_identical = all(len(layers) == 1 for layers in plan.groups.values()) or source_ckpt.is_looped
+    bit_identical = all(len(layers) == 1 for layers in plan.groups.values()) or plan.exports_looped
     bit_identical &= plan.out_dtype is None or all(i.dtype == plan.out_dtype for i in source_ckpt.tensors.values())
     calibrator = None
     if options.calibration_tokens > 0:
         ids, description = calibration_input_ids(source_ckpt.folder, plan.config.vocab_size,
                                                  options.calibration_tokens, options.calibration_text)
+        unsupported = Calibrator.unsupported(source_ckpt.config)
         if bit_identical:
             description = "not run: every tensor is copied bit for bit, so each MoE block error is exactly 0"
+        elif unsupported:
+            description = f"not run: {unsupported}"
         else:
             calibrator = Calibrator(source_ckpt.config, ids)
         report["calibration"] = description
@@ -363,7 +404,7 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
                 exact = bit_identical and options.calibration_tokens > 0 and row["kind"] == "moe"
                 row["moe_rel_error"] = 0.0 if exact else runner.errors.get(row["layer"])
         report["layers"] = rows
-        if options.tie_method == "aligned" and not source_ckpt.is_looped:
+        if options.tie_method == "aligned" and not plan.exports_looped:
             report["permutations"] = {str(k): v for k, v in runner.permutations.items()}
         report["copied_files"] = copy_tokenizer_files(source_ckpt.folder, folder)
         if options.to_source_format:

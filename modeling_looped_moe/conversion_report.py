@@ -105,6 +105,16 @@ class Calibrator:
         self.position_embeddings = LoopedMoeRotaryEmbedding(config=self.config)(dummy, position_ids=positions)
         self.hidden: torch.Tensor | None = None
 
+    @staticmethod
+    def unsupported(config: LoopedMoeConfig) -> str | None:
+        """Why the layer-by-layer pass cannot reproduce the source model (`None` when it can): it applies each unique
+        layer once, with plain norms."""
+        if config.num_loops != 1:
+            return f"the source loops its block {config.num_loops} times; the calibration pass applies each layer once"
+        if config.loop_conditioning != "none" or config.loop_input_injection != "none":
+            return "the calibration pass does not model loop conditioning or loop input injection"
+        return None
+
     def embed(self, embedding: torch.Tensor) -> None:
         """Starts the residual stream from the source embedding matrix."""
         self.hidden = F.embedding(self.input_ids, embedding).float()

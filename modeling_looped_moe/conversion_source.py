@@ -133,7 +133,7 @@ def list_checkpoint_tensors(folder: Path) -> dict[str, TensorInfo]:
 
 
 class SourceCheckpoint:
-    """A validated source folder: a transformers MoE family checkpoint, or a `looped_moe` one (for export).
+    """A validated source folder: a transformers MoE family checkpoint, or a `looped_moe` one (to tie or export).
 
     Args:
         folder: The checkpoint folder (config.json plus safetensors weights).
@@ -149,7 +149,7 @@ class SourceCheckpoint:
         self.config_dict = _read_json(self.folder / "config.json")
         self.model_type = self.config_dict.get("model_type")
         self.conversion_info: dict[str, Any] | None = None
-        self.config_fields: dict[str, Any] | None = None  # LoopedMoeConfig fields of a family source
+        self.config_fields: dict[str, Any] | None = None  # LoopedMoeConfig fields of the source
         if self.model_type == LoopedMoeConfig.model_type:
             self.family, self.family_config = self._open_looped()
         else:
@@ -165,22 +165,29 @@ class SourceCheckpoint:
     # ------------------------------------------------------------------------------------------------------------
     @property
     def is_looped(self) -> bool:
-        """Whether the source is a `looped_moe` checkpoint (written by this converter)."""
+        """Whether the source is a `looped_moe` checkpoint (trained natively or written by this converter)."""
         return self.model_type == LoopedMoeConfig.model_type
 
+    @property
+    def is_tied(self) -> bool:
+        """Whether some expert bank of the source serves more than one MoE layer."""
+        bank_map = self.config.expert_bank_map()
+        return len(set(bank_map.values())) < len(bank_map)
+
     def _open_looped(self):
+        """Reads a `looped_moe` config; the source family (for export) comes from `conversion_info.json`, which only
+        folders written by this converter have (a natively trained model has no family: it can be tied, not
+        exported)."""
         info_path = self.folder / CONVERSION_INFO_NAME
-        if not info_path.is_file():
-            raise ConversionError(f"{self.folder} is a looped_moe checkpoint without {CONVERSION_INFO_NAME}; "
-                                  "only folders written by this converter can be exported")
-        self.conversion_info = _read_json(info_path)
-        source_config = self.conversion_info.get("source_config") or {}
+        if info_path.is_file():
+            self.conversion_info = _read_json(info_path)
+        source_config = (self.conversion_info or {}).get("source_config")
+        self.config_fields = {k: v for k, v in self.config_dict.items()
+                              if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+        self.config = build_looped_config(self.config_fields)
+        if not source_config:
+            return None, None
         family = get_family(source_config.get("model_type"))
-        config_dict = {k: v for k, v in self.config_dict.items() if k not in ("model_type", "auto_map", "architectures",
-                                                                             "transformers_version")}
-        self.config = build_looped_config(config_dict)
-        if self.config.num_loops != 1:
-            raise ConversionError("export needs num_loops=1 (a looped model has no equivalent in the source family)")
         return family, load_family_config(family, source_config)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -68,14 +68,33 @@ def test_round_trip_source_tied_exported(family: str, tmp_path: Path):
     assert not any(".experts.gate_up_proj" in key or "expert_banks" in key for key in keys)
 
 
-def test_export_refuses_tying_a_looped_source_and_plain_looped_output(tmp_path: Path):
-    """A looped_moe source is only exported: re-tying it or converting it to looped_moe again is refused."""
+def test_export_refuses_retying_a_tied_source_and_plain_looped_output(tmp_path: Path):
+    """A tied looped_moe source is only exported: tying it again or copying it to looped_moe again is refused."""
     from modeling_looped_moe.conversion_families import ConversionError
 
     source = save_source(family_model("olmoe"), tmp_path / "source", tokenizer=False)
-    convert(source, tmp_path / "tied", calibration_tokens=0)
+    convert(source, tmp_path / "tied", calibration_tokens=0, tie_group_size=2)
     with pytest.raises(ConversionError, match="already tied"):
-        convert(tmp_path / "tied", tmp_path / "again", to_source_format=True, tie_group_size=2)
-    with pytest.raises(ConversionError, match="only be exported"):
+        convert(tmp_path / "tied", tmp_path / "again", tie_group_size=2)
+    with pytest.raises(ConversionError, match="needs tying options"):
         convert(tmp_path / "tied", tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_tying_an_imported_folder_in_a_second_run_keeps_the_family(tmp_path: Path):
+    """Import untied, then tie the looped_moe folder: the same model as tying in one run, still exportable."""
+    family = "qwen3_moe"
+    _, options = tying(family)
+    source = save_source(family_model(family, NUM_LAYERS), tmp_path / "source")
+    convert(source, tmp_path / "imported", calibration_tokens=0)
+    convert(tmp_path / "imported", tmp_path / "two_runs", tie_method="aligned", **options)
+    convert(source, tmp_path / "one_run", tie_method="aligned", **options)
+    convert(tmp_path / "two_runs", tmp_path / "exported", to_source_format=True)
+
+    input_ids = random_ids()
+    one_run = AutoModelForCausalLM.from_pretrained(tmp_path / "one_run").eval()
+    two_runs = AutoModelForCausalLM.from_pretrained(tmp_path / "two_runs").eval()
+    assert two_runs.config.num_expert_banks == one_run.config.num_expert_banks
+    torch.testing.assert_close(logits(two_runs, input_ids), logits(one_run, input_ids), atol=ATOL, rtol=0)
+    exported = family_model_class(get_family(family)).from_pretrained(tmp_path / "exported").eval()
+    torch.testing.assert_close(logits(exported, input_ids), logits(one_run, input_ids), atol=ATOL, rtol=0)
