@@ -138,6 +138,33 @@ def load_blimp(folder: Path) -> dict[str, list[tuple[str, str]]]:
     return pairs
 
 
+def encode_data(tokenizer, train_text: str, held_text: str, args: argparse.Namespace) -> dict:
+    """Token blocks of the training and held-out text and the BLiMP pairs, with `tokenizer`.
+
+    Uses `args.block_size`, `args.max_held_out_blocks`, `args.blimp_path` and `args.max_blimp_pairs`. Each BLiMP
+    sentence is prefixed with a newline token (KJV verses start after one).
+    """
+    blimp = load_blimp(Path(args.blimp_path))
+    prefix = tokenizer.encode("\n", add_special_tokens=False)
+    blimp_ids = {
+        paradigm: [(prefix + tokenizer.encode(g, add_special_tokens=False),
+                    prefix + tokenizer.encode(b, add_special_tokens=False)) for g, b in pairs[: args.max_blimp_pairs]]
+        for paradigm, pairs in blimp.items()
+    }
+    return {
+        "train_blocks": token_blocks(tokenizer(train_text)["input_ids"], args.block_size),
+        "held_blocks": token_blocks(tokenizer(held_text)["input_ids"], args.block_size)[: args.max_held_out_blocks],
+        "vocab_size": len(tokenizer), "blimp_ids": blimp_ids, "blimp_prefix_len": len(prefix),
+    }
+
+
+def block_order(num_blocks: int, needed: int, seed: int) -> torch.Tensor:
+    """`needed` block indices: seeded permutations of all blocks, one epoch after another."""
+    generator = torch.Generator().manual_seed(seed)
+    epochs = math.ceil(needed / num_blocks)
+    return torch.cat([torch.randperm(num_blocks, generator=generator) for _ in range(epochs)])[:needed]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One model (runs in a worker process)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -196,6 +223,50 @@ def blimp_accuracy(model: LoopedMoeForCausalLM, blimp_ids: dict[str, list[tuple[
     return accuracy
 
 
+def evaluate(model: LoopedMoeForCausalLM, data: dict) -> tuple[float, dict[str, float]]:
+    """Held-out loss and BLiMP accuracy per paradigm, on the blocks and pairs of a data file (see `encode_data`)."""
+    return (held_out_loss(model, data["held_blocks"], batch_size=32),
+            blimp_accuracy(model, data["blimp_ids"], data["blimp_prefix_len"]))
+
+
+def train_steps(model: LoopedMoeForCausalLM, train_blocks: torch.Tensor, order: torch.Tensor, args: dict, desc: str,
+                position: int = 0) -> tuple[list[dict], float]:
+    """AdamW over `args["steps"]` batches of `args["batch_size"]` blocks taken from `train_blocks` in `order`.
+
+    Peak learning rate `args["lr"]` (tied expert banks get lr / sqrt(g) through `optimizer_param_groups`), linear
+    warm-up over `args["warmup_fraction"]` of the steps then cosine decay to 0, gradient clipping 1.0.
+
+    Returns:
+        The log (`step`, mean `lm_loss` since the last entry, `seconds`) and the training time in seconds.
+    """
+    steps, batch_size, lr = args["steps"], args["batch_size"], args["lr"]
+    warmup = max(1, round(args["warmup_fraction"] * steps))
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, lr, args["weight_decay"]), lr=lr, betas=(0.9, 0.95))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    model.train()
+    log, window = [], []
+    progress = tqdm(range(steps), desc=desc, position=position, leave=True, mininterval=2.0, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in progress:
+        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]
+        output = model(batch, labels=batch)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(lm_loss_of(model, output).item())
+        if (step + 1) % args["log_every"] == 0 or step + 1 == steps:
+            log.append({"step": step + 1, "lm_loss": sum(window) / len(window), "seconds": time.perf_counter() - start})
+            progress.set_postfix(loss=f"{log[-1]['lm_loss']:.3f}")
+            window = []
+    progress.close()
+    model.eval()
+    return log, time.perf_counter() - start
+
+
 def routing_summary(report: dict) -> dict:
     """Loops 1 vs 2 top-k agreement per layer and loop 1's JSD to the final output, from an `analyze_routing` report."""
     pairs = [
@@ -228,37 +299,11 @@ def run_model(job: dict) -> dict:
     if stored != config.num_total_parameters():
         raise RuntimeError(f"{name}: {stored} parameters, config accounting says {config.num_total_parameters()}")
 
-    steps, batch_size, lr = args["steps"], args["batch_size"], args["lr"]
-    warmup = max(1, round(args["warmup_fraction"] * steps))
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, lr, args["weight_decay"]), lr=lr, betas=(0.9, 0.95))
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    model.train()
-    log, window = [], []
-    progress = tqdm(range(steps), desc=f"{name:>22}", position=job["slot"], leave=True, mininterval=2.0,
-                    dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in progress:
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
-        batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]
-        output = model(batch, labels=batch)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        window.append(lm_loss_of(model, output).item())
-        if (step + 1) % args["log_every"] == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "lm_loss": sum(window) / len(window), "seconds": time.perf_counter() - start})
-            progress.set_postfix(loss=f"{log[-1]['lm_loss']:.3f}")
-            window = []
-    train_seconds = time.perf_counter() - start
-    progress.close()
-    model.eval()
+    log, train_seconds = train_steps(model, train_blocks, order, args, desc=f"{name:>22}", position=job["slot"])
+    steps, batch_size = args["steps"], args["batch_size"]
 
     start = time.perf_counter()
-    loss = held_out_loss(model, held_blocks, batch_size=32)
-    blimp = blimp_accuracy(model, data["blimp_ids"], data["blimp_prefix_len"])
+    loss, blimp = evaluate(model, data)
     routing = None
     if config.num_experts > 0 and config.num_loops > 1:
         report = analyze_routing(model, held_blocks[: args["routing_blocks"]], batch_size=8)
@@ -389,26 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
-    train_blocks = token_blocks(tokenizer(train_text)["input_ids"], args.block_size)
-    held_blocks = token_blocks(tokenizer(held_text)["input_ids"], args.block_size)[: args.max_held_out_blocks]
+    data = encode_data(tokenizer, train_text, held_text, args)
+    train_blocks, held_blocks, blimp_ids = data["train_blocks"], data["held_blocks"], data["blimp_ids"]
     needed = args.steps * args.batch_size
-    generator = torch.Generator().manual_seed(args.seed)
-    epochs = math.ceil(needed / len(train_blocks))
-    order = torch.cat([torch.randperm(len(train_blocks), generator=generator) for _ in range(epochs)])[:needed]
+    data["order"] = block_order(len(train_blocks), needed, args.seed)
     print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; {len(train_blocks):,} training blocks of "
           f"{args.block_size} ({train_blocks.numel():,} tokens); {needed * args.block_size:,} training tokens per model "
           f"= {needed / len(train_blocks):.2f} epochs; {len(held_blocks)} held-out blocks")
-
-    blimp = load_blimp(Path(args.blimp_path))
-    prefix = tokenizer.encode("\n", add_special_tokens=False)
-    blimp_ids = {
-        paradigm: [(prefix + tokenizer.encode(g, add_special_tokens=False),
-                    prefix + tokenizer.encode(b, add_special_tokens=False)) for g, b in pairs[: args.max_blimp_pairs]]
-        for paradigm, pairs in blimp.items()
-    }
     data_path = out / "data.pt"
-    torch.save({"train_blocks": train_blocks, "held_blocks": held_blocks, "order": order, "vocab_size": len(tokenizer),
-                "blimp_ids": blimp_ids, "blimp_prefix_len": len(prefix)}, data_path)
+    torch.save(data, data_path)
 
     names = sorted(args.models, key=lambda n: -STEP_COST[n])
     jobs = [{"name": n, "slot": i, "data_path": str(data_path), "args": vars(args)} for i, n in enumerate(names)]
