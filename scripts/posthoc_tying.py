@@ -7,11 +7,12 @@ Needs the output of `scripts/reproduce_small.py` (the trained untied `moe` model
 size g and tying method, the converter (`conversion/convert_moe_checkpoint.py`, the same code as the library's
 `convert_checkpoint`) ties the MoE's experts in consecutive groups of g between 2 untied first and 2 untied last
 layers, the layout of the from-scratch `moe_tied_g2` / `moe_tied_g4` models; its report gives each MoE block's
-relative output error on calibration tokens of the training text. Every tied model and, as the control, the untied
-source are then evaluated (held-out loss on the reproduction's held-out blocks, BLiMP), fine-tuned for
-`--heal-steps` AdamW steps with one recipe (tied banks at lr / sqrt(g)) on training blocks in one seeded order
-shared by all models, and evaluated again. The control shows how much of a healed model's gain is plain extra
-training rather than repair.
+relative output error on calibration tokens of the training text. Every tied model and two controls, the untied
+source and a copy of it without the tied layers' routed experts (all zero, so those blocks add nothing), are
+evaluated (held-out loss on the reproduction's held-out blocks, BLiMP), fine-tuned for `--heal-steps` AdamW steps
+with one recipe (tied banks at lr / sqrt(g)) on training blocks in one seeded order shared by all models, and
+evaluated again. The untied control shows how much of a healed model's gain is plain extra training rather than
+repair; the expert-free control shows how much the tied layers' experts matter at all.
 
 The text split, tokenizer, held-out blocks and BLiMP scoring are those of `scripts/reproduce_small.py` (the script
 checks that the held-out text matches the one saved there). Writes `results.json` and `results.md` into
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import multiprocessing
 import shutil
 import sys
@@ -62,6 +62,19 @@ def prepare_source(source_dir: Path, model_name: str, work: Path) -> Path:
     shutil.copytree(model_dir, target)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
     return target
+
+
+def remove_experts(source: Path, output: Path, layers: list[int]) -> None:
+    """A copy of `source` whose routed experts in `layers` are all zero (each such MoE block outputs 0), the control
+    that shows how much those layers' experts matter at all."""
+    model = LoopedMoeForCausalLM.from_pretrained(source)
+    bank_map = model.config.expert_bank_map()
+    with torch.no_grad():
+        for layer_idx in layers:
+            for tensor in model.model.expert_banks[bank_map[layer_idx]].parameters():
+                tensor.zero_()
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(source).save_pretrained(output)
 
 
 def tie(source: Path, output: Path, group_size: int, method: str, calibration_text: Path,
@@ -117,7 +130,7 @@ def markdown_table(results: list[dict], heal: bool) -> str:
     header += "| BLiMP |" if not heal else "| healed loss | BLiMP | healed BLiMP |"
     lines = [header, "| --- |" + " ---: |" * (header.count("|") - 2)]
     for r in results:
-        error = "0 (untied)" if r.get("moe_rel_error_mean") is None else \
+        error = "" if r.get("moe_rel_error_mean") is None else \
             f"{r['moe_rel_error_mean']:.3f} / {r['moe_rel_error_max']:.3f}"
         row = f"| {r['name']} | {r['banks']} | {r['stored_parameters']:,} | {error} | {r['held_out_loss_before']:.4f} "
         if heal:
@@ -187,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             name = f"g{group_size}_{method}"
             conversions[name] = tie(source, out / name, group_size, method, calibration_text, args.calibration_tokens)
 
+    tied_layers = sorted({layer for conversion in conversions.values() for layer in conversion["tied_layers"]})
+    ablation = f"experts of layers {tied_layers[0]}-{tied_layers[-1]} removed"
+    remove_experts(source, out / "removed", tied_layers)
+
     tokenizer = AutoTokenizer.from_pretrained(source)
     data = repro.encode_data(tokenizer, train_text, held_text, args)
     needed = args.heal_steps * args.batch_size
@@ -194,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     data_path = out / "data.pt"
     torch.save(data, data_path)
 
-    folders = {"untied (source)": source, **{name: out / name for name in conversions}}
-    jobs = [{"name": name.split(" ")[0], "label": name, "folder": str(folder), "slot": i, "data_path": str(data_path),
+    folders = {"untied (source)": source, **{name: out / name for name in conversions}, ablation: out / "removed"}
+    jobs = [{"name": Path(folder).name, "label": name, "folder": str(folder), "slot": i, "data_path": str(data_path),
              "args": vars(args)} for i, (name, folder) in enumerate(folders.items())]
     results: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")
@@ -216,12 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_blocks": len(data["held_blocks"]), "blimp_pairs": sum(len(p) for p in data["blimp_ids"].values()),
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
-    table = markdown_table(ordered, heal=args.heal_steps > 0)
-    (out / "results.json").write_text(json.dumps({"setup": setup, "models": ordered}, indent=2) + "\n")
-    (out / "results.md").write_text(table + f"\n\nSetup: {json.dumps(setup)}\n")
-    print()
-    print(table)
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({setup['wall_seconds']:.0f} s)")
+    table = markdown_table(ordered, heal=args.heal_steps > 0) + f"\n\nSetup: {json.dumps(setup)}"
+    repro.write_results(out, setup, ordered, table)
     return 0
 
 

@@ -465,14 +465,18 @@ def main(argv: list[str] | None = None) -> int:
         "blimp_pairs": sum(len(p) for p in blimp_ids.values()),
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
-    tables = markdown_tables(ordered, setup)
-    (out / "results.json").write_text(json.dumps({"setup": setup, "models": ordered}, indent=2) + "\n")
-    (out / "results.md").write_text(tables + "\n")
     data_path.unlink()
+    write_results(out, setup, ordered, markdown_tables(ordered, setup))
+    return 0
+
+
+def write_results(out: Path, setup: dict, models: list[dict], tables: str) -> None:
+    """Writes `results.json` and `results.md` into `out` and prints the tables."""
+    (out / "results.json").write_text(json.dumps({"setup": setup, "models": models}, indent=2) + "\n")
+    (out / "results.md").write_text(tables + "\n")
     print()
     print(tables)
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({setup['wall_seconds']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":
