@@ -9,7 +9,8 @@ size g and tying method, the converter (`conversion/convert_moe_checkpoint.py`, 
 layers, the layout of the from-scratch `moe_tied_g2` / `moe_tied_g4` models; its report gives each MoE block's
 relative output error on calibration tokens of the training text. Every tied model and two controls, the untied
 source and a copy of it without the tied layers' routed experts (all zero, so those blocks add nothing), are
-evaluated (held-out loss on the reproduction's held-out blocks, BLiMP), fine-tuned for `--heal-steps` AdamW steps
+evaluated (held-out loss on the reproduction's held-out blocks, the same loss on out-of-domain text, by default the
+Devil's Dictionary, and BLiMP), fine-tuned for `--heal-steps` AdamW steps
 with one recipe (tied banks at lr / sqrt(g)) on training blocks in one seeded order shared by all models, and
 evaluated again. The untied control shows how much of a healed model's gain is plain extra training rather than
 repair; the expert-free control shows how much the tied layers' experts matter at all.
@@ -104,19 +105,16 @@ def heal_and_evaluate(job: dict) -> dict:
     model = LoopedMoeForCausalLM.from_pretrained(job["folder"]).eval()
     stored = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    loss_before, blimp_before = repro.evaluate(model, data)
     result = {"name": name, "stored_parameters": stored, "banks": model.config.num_expert_banks,
-              "held_out_loss_before": loss_before, "blimp_before": blimp_before,
-              "blimp_mean_before": sum(blimp_before.values()) / len(blimp_before)}
+              **{f"{key}_before": value for key, value in repro.evaluate(model, data).items()}}
     if args["heal_steps"] > 0:
         heal_args = dict(args, steps=args["heal_steps"], lr=args["heal_lr"], warmup_fraction=args["heal_warmup_fraction"])
         torch.manual_seed(args["seed"])
         log, seconds = repro.train_steps(model, data["train_blocks"], data["order"], heal_args, desc=f"{name:>16}",
                                          position=job["slot"])
-        loss_after, blimp_after = repro.evaluate(model, data)
         model.save_pretrained(Path(args["output_dir"]) / f"{name}_healed")
-        result.update(heal_seconds=seconds, heal_log=log, held_out_loss_after=loss_after, blimp_after=blimp_after,
-                      blimp_mean_after=sum(blimp_after.values()) / len(blimp_after))
+        result.update(heal_seconds=seconds, heal_log=log,
+                      **{f"{key}_after": value for key, value in repro.evaluate(model, data).items()})
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -125,19 +123,20 @@ def heal_and_evaluate(job: dict) -> dict:
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
 def markdown_table(results: list[dict], heal: bool) -> str:
-    """One row per model: banks, stored parameters, block error, held-out loss and BLiMP before / after healing."""
-    header = "| model | expert banks | stored params | MoE block rel. error (mean / max over tied layers) | held-out loss "
-    header += "| BLiMP |" if not heal else "| healed loss | BLiMP | healed BLiMP |"
+    """One row per model: banks, stored parameters, block error, then held-out loss, out-of-domain loss and BLiMP as
+    converted (and after healing)."""
+    stages = ("before", "after") if heal else ("before",)
+    metrics = [("held_out_loss", "held-out loss"), ("ood_loss", "out-of-domain loss"), ("blimp_mean", "BLiMP")]
+    columns = [(f"{key}_{stage}", label + (", healed" if stage == "after" else "")) for key, label in metrics
+               for stage in stages]
+    header = "| model | expert banks | stored params | MoE block rel. error (mean / max over tied layers) | "
+    header += " | ".join(label for _, label in columns) + " |"
     lines = [header, "| --- |" + " ---: |" * (header.count("|") - 2)]
     for r in results:
         error = "" if r.get("moe_rel_error_mean") is None else \
             f"{r['moe_rel_error_mean']:.3f} / {r['moe_rel_error_max']:.3f}"
-        row = f"| {r['name']} | {r['banks']} | {r['stored_parameters']:,} | {error} | {r['held_out_loss_before']:.4f} "
-        if heal:
-            row += f"| {r['held_out_loss_after']:.4f} | {r['blimp_mean_before']:.4f} | {r['blimp_mean_after']:.4f} |"
-        else:
-            row += f"| {r['blimp_mean_before']:.4f} |"
-        lines.append(row)
+        cells = ["" if r.get(key) is None else f"{r[key]:.4f}" for key, _ in columns]
+        lines.append(f"| {r['name']} | {r['banks']} | {r['stored_parameters']:,} | {error} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -167,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-held-out-blocks", type=int, default=512)
     parser.add_argument("--blimp-path", default=str(repro.DEFAULT_BLIMP))
     parser.add_argument("--max-blimp-pairs", type=int, default=None)
+    parser.add_argument("--ood-text", default="devil", help="out-of-domain text: `devil`, a file, or `none`")
     return parser.parse_args(argv)
 
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     remove_experts(source, out / "removed", tied_layers)
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data = repro.encode_data(tokenizer, train_text, held_text, args)
+    ood_source, other_text = repro.ood_text(args.ood_text)
+    data = repro.encode_data(tokenizer, train_text, held_text, args, other_text)
     needed = args.heal_steps * args.batch_size
     data["order"] = repro.block_order(len(data["train_blocks"]), max(needed, 1), args.seed)
     data_path = out / "data.pt"
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": str(source_dir / args.model), "untied_first": UNTIED_FIRST, "untied_last": UNTIED_LAST,
         "calibration_tokens": args.calibration_tokens, "heal_steps": args.heal_steps, "heal_lr": args.heal_lr,
         "heal_tokens": needed * args.block_size, "batch_size": args.batch_size, "seed": args.seed,
-        "held_out_blocks": len(data["held_blocks"]), "blimp_pairs": sum(len(p) for p in data["blimp_ids"].values()),
+        "held_out_blocks": len(data["held_blocks"]), "ood_text": ood_source,
+        "ood_blocks": None if other_text is None else len(data["ood_blocks"]), "blimp_pairs": sum(len(p) for p in data["blimp_ids"].values()),
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     table = markdown_table(ordered, heal=args.heal_steps > 0) + f"\n\nSetup: {json.dumps(setup)}"

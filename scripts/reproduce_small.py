@@ -24,21 +24,26 @@ Data: `bible -l0 gen1:1-rev22:21` (Debian package `bible-kjv`), verse numbers st
 file is used instead and the held-out part is its end, cut at a paragraph boundary.
 
 Reported per model: held-out loss and perplexity (mean next-token cross-entropy over whole 128-token blocks of the
-held-out text), BLiMP accuracy (the six paradigms in `../shared/data/blimp`; a pair is right when the good sentence
-has the higher total log-likelihood, each sentence scored after a newline, the position KJV verses start at), stored
-and active parameters per token (config accounting, embeddings and head included, loops counted per application),
-training tokens and time. For looped MoE models also the routing analysis of `analyze_routing` on held-out text:
-per loop-block layer the fraction of tokens whose top-2 expert sets are identical / disjoint in loops 1 and 2, and
-the normalised Jensen-Shannon divergence of loop 1's output (through the final norm and head) to the final output.
+held-out text), the same loss on out-of-domain text (`--ood-text`, default Ambrose Bierce's *The Devil's Dictionary*
+from Debian's `dict-devil`, first 512 blocks), BLiMP accuracy (the six paradigms in `../shared/data/blimp`; a pair is
+right when the good sentence has the higher total log-likelihood, each sentence scored after a newline, the position
+KJV verses start at), stored and active parameters per token (config accounting, embeddings and head included, loops
+counted per application), training tokens and time. For looped MoE models also the routing analysis of
+`analyze_routing` on held-out text: per loop-block layer the fraction of tokens whose top-2 expert sets are identical
+/ disjoint in loops 1 and 2, and the normalised Jensen-Shannon divergence of loop 1's output (through the final norm
+and head) to the final output.
 
-Models train in `--jobs` parallel processes with one torch thread each. Writes `results.json` and `results.md`
-(Markdown tables, also printed) into `--output-dir`, and saves every model and the tokenizer there.
+Models train in `--jobs` parallel processes with one torch thread each. `--evaluate-only` re-scores the models an
+earlier run saved in `--output-dir` (same text split and saved tokenizer; it checks the held-out loss is unchanged).
+Writes `results.json` and `results.md` (Markdown tables, also printed) into `--output-dir`, and saves every model and
+the tokenizer there.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gzip
 import json
 import math
 import multiprocessing
@@ -72,6 +77,7 @@ from modeling_looped_moe.training_looped_moe import optimizer_param_groups
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BLIMP = REPO_ROOT.parent / "shared" / "data" / "blimp"
 BIBLE_COMMAND = ["bible", "-l0", "gen1:1-rev22:21"]
+DEVIL_PATH = Path("/usr/share/dictd/devil.dict.dz")  # Debian `dict-devil`
 
 HIDDEN, HEADS, DENSE_WIDTH = 128, 4, 512
 COMMON_CONFIG = {
@@ -112,6 +118,29 @@ def kjv_text() -> str:
     return re.sub(r"(?m)^ +\d+ ", "", result.stdout)
 
 
+def devils_dictionary_text(path: Path = DEVIL_PATH) -> str:
+    """Ambrose Bierce's *The Devil's Dictionary* (public domain) from Debian's `dict-devil`: the original text from its
+    preface to the last entry, without the dictd header entries and the trailing alphabet line."""
+    if not path.is_file():
+        sys.exit(f"error: {path} is missing. Install it with `apt-get install dict-devil`, or pass --ood-text FILE "
+                 "or --ood-text none.")
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as handle:  # dictzip is gzip-compatible
+        text = handle.read()
+    start, end = text.find("PREFACE"), text.rfind("\n abcdefghijklmnopqrstuvwxyz")
+    if start < 0 or end < start:
+        sys.exit(f"error: {path} does not look like the Devil's Dictionary")
+    return text[start:end].strip() + "\n"
+
+
+def ood_text(option: str) -> tuple[str, str | None]:
+    """The out-of-domain evaluation text of `--ood-text` (`devil`, `none` or a file) and its description."""
+    if option == "none":
+        return "none", None
+    if option == "devil":
+        return f"The Devil's Dictionary ({DEVIL_PATH}, Debian dict-devil)", devils_dictionary_text()
+    return f"file {option}", Path(option).read_text(encoding="utf-8", errors="replace")
+
+
 def split_chapters(text: str, held_out_fraction: float) -> tuple[str, str, str]:
     """Hold out the last whole chapters of the KJV (at least `held_out_fraction` of the characters).
 
@@ -138,11 +167,12 @@ def load_blimp(folder: Path) -> dict[str, list[tuple[str, str]]]:
     return pairs
 
 
-def encode_data(tokenizer, train_text: str, held_text: str, args: argparse.Namespace) -> dict:
-    """Token blocks of the training and held-out text and the BLiMP pairs, with `tokenizer`.
+def encode_data(tokenizer, train_text: str, held_text: str, args: argparse.Namespace,
+                other_text: str | None = None) -> dict:
+    """Token blocks of the training, held-out and (optional) out-of-domain text and the BLiMP pairs, with `tokenizer`.
 
-    Uses `args.block_size`, `args.max_held_out_blocks`, `args.blimp_path` and `args.max_blimp_pairs`. Each BLiMP
-    sentence is prefixed with a newline token (KJV verses start after one).
+    Uses `args.block_size`, `args.max_held_out_blocks` (also the limit for the out-of-domain blocks), `args.blimp_path`
+    and `args.max_blimp_pairs`. Each BLiMP sentence is prefixed with a newline token (KJV verses start after one).
     """
     blimp = load_blimp(Path(args.blimp_path))
     prefix = tokenizer.encode("\n", add_special_tokens=False)
@@ -154,6 +184,8 @@ def encode_data(tokenizer, train_text: str, held_text: str, args: argparse.Names
     return {
         "train_blocks": token_blocks(tokenizer(train_text)["input_ids"], args.block_size),
         "held_blocks": token_blocks(tokenizer(held_text)["input_ids"], args.block_size)[: args.max_held_out_blocks],
+        "ood_blocks": None if other_text is None else
+        token_blocks(tokenizer(other_text)["input_ids"], args.block_size)[: args.max_held_out_blocks],
         "vocab_size": len(tokenizer), "blimp_ids": blimp_ids, "blimp_prefix_len": len(prefix),
     }
 
@@ -223,10 +255,34 @@ def blimp_accuracy(model: LoopedMoeForCausalLM, blimp_ids: dict[str, list[tuple[
     return accuracy
 
 
-def evaluate(model: LoopedMoeForCausalLM, data: dict) -> tuple[float, dict[str, float]]:
-    """Held-out loss and BLiMP accuracy per paradigm, on the blocks and pairs of a data file (see `encode_data`)."""
-    return (held_out_loss(model, data["held_blocks"], batch_size=32),
-            blimp_accuracy(model, data["blimp_ids"], data["blimp_prefix_len"]))
+def evaluate(model: LoopedMoeForCausalLM, data: dict) -> dict:
+    """Held-out loss, out-of-domain loss (`None` without such blocks) and BLiMP accuracy per paradigm and mean, on
+    the blocks and pairs of a data file (see `encode_data`)."""
+    blimp = blimp_accuracy(model, data["blimp_ids"], data["blimp_prefix_len"])
+    ood = data.get("ood_blocks")
+    return {"held_out_loss": held_out_loss(model, data["held_blocks"], batch_size=32),
+            "ood_loss": None if ood is None else held_out_loss(model, ood, batch_size=32),
+            "blimp": blimp, "blimp_mean": sum(blimp.values()) / len(blimp)}
+
+
+def scores(model: LoopedMoeForCausalLM, data: dict, args: dict) -> dict:
+    """Every evaluation of a trained model: `evaluate`, perplexities, token counts, and for looped MoE models the
+    routing summary on the first `args["routing_blocks"]` held-out blocks."""
+    start = time.perf_counter()
+    result = evaluate(model, data)
+    config = model.config
+    routing = None
+    if config.num_experts > 0 and config.num_loops > 1:
+        routing = routing_summary(analyze_routing(model, data["held_blocks"][: args["routing_blocks"]], batch_size=8))
+    ood = data.get("ood_blocks")
+    result.update(
+        held_out_perplexity=math.exp(result["held_out_loss"]),
+        held_out_tokens=int(data["held_blocks"][:, 1:].numel()),
+        ood_perplexity=None if ood is None else math.exp(result["ood_loss"]),
+        ood_tokens=None if ood is None else int(ood[:, 1:].numel()),
+        routing=routing, eval_seconds=time.perf_counter() - start,
+    )
+    return result
 
 
 def train_steps(model: LoopedMoeForCausalLM, train_blocks: torch.Tensor, order: torch.Tensor, args: dict, desc: str,
@@ -291,7 +347,7 @@ def run_model(job: dict) -> dict:
     torch.set_num_threads(1)
     name, args = job["name"], job["args"]
     data = torch.load(job["data_path"])
-    train_blocks, held_blocks, order = data["train_blocks"], data["held_blocks"], data["order"]
+    train_blocks, order = data["train_blocks"], data["order"]
     torch.manual_seed(args["seed"])
     config = build_config(name, data["vocab_size"], args["block_size"])
     model = LoopedMoeForCausalLM(config)
@@ -301,14 +357,6 @@ def run_model(job: dict) -> dict:
 
     log, train_seconds = train_steps(model, train_blocks, order, args, desc=f"{name:>22}", position=job["slot"])
     steps, batch_size = args["steps"], args["batch_size"]
-
-    start = time.perf_counter()
-    loss, blimp = evaluate(model, data)
-    routing = None
-    if config.num_experts > 0 and config.num_loops > 1:
-        report = analyze_routing(model, held_blocks[: args["routing_blocks"]], batch_size=8)
-        routing = routing_summary(report)
-    eval_seconds = time.perf_counter() - start
 
     out = Path(args["output_dir"]) / name
     model.save_pretrained(out)
@@ -325,16 +373,32 @@ def run_model(job: dict) -> dict:
         "train_tokens": steps * batch_size * args["block_size"],
         "train_seconds": train_seconds,
         "final_train_lm_loss": log[-1]["lm_loss"],
-        "held_out_loss": loss,
-        "held_out_perplexity": math.exp(loss),
-        "held_out_tokens": int(held_blocks[:, 1:].numel()),
-        "blimp": blimp,
-        "blimp_mean": sum(blimp.values()) / len(blimp),
-        "routing": routing,
-        "eval_seconds": eval_seconds,
+        **scores(model, data, args),
         "train_log": log,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_saved(job: dict) -> dict:
+    """Re-evaluates a model saved by an earlier run (`--evaluate-only`) and updates its `result.json`.
+
+    Raises:
+        RuntimeError: The recomputed held-out loss differs from the saved one (another tokenizer or text split).
+    """
+    torch.set_num_threads(1)
+    name, args = job["name"], job["args"]
+    folder = Path(args["output_dir"]) / name
+    if not (folder / "result.json").is_file():
+        raise RuntimeError(f"{folder / 'result.json'} is missing: train {name} first (without --evaluate-only)")
+    result = json.loads((folder / "result.json").read_text())
+    model = LoopedMoeForCausalLM.from_pretrained(folder).eval()
+    new = scores(model, torch.load(job["data_path"]), args)
+    if abs(new["held_out_loss"] - result["held_out_loss"]) > 1e-4:
+        raise RuntimeError(f"{name}: held-out loss {new['held_out_loss']:.5f} now, {result['held_out_loss']:.5f} when "
+                           "trained; the data or tokenizer differ from the training run")
+    result.update(new)
+    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -345,8 +409,8 @@ def markdown_tables(results: list[dict], setup: dict) -> str:
     """The Markdown tables of the results."""
     lines = [
         ("| model | layout | stored params | active params / token | train tokens | train time | held-out loss "
-         "| perplexity | BLiMP (mean of 6) |"),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "| perplexity | out-of-domain loss | BLiMP (mean of 6) |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         layout = f"{r['layout']}" + (f", {r['num_experts']} experts top-2" if r["num_experts"] else ", dense")
@@ -355,7 +419,8 @@ def markdown_tables(results: list[dict], setup: dict) -> str:
         lines.append(
             f"| {r['name']} | {layout} | {r['stored_parameters']:,} | {r['active_parameters_per_token']:,} "
             f"| {r['train_tokens']:,} | {r['train_seconds']:.0f} s | {r['held_out_loss']:.4f} "
-            f"| {r['held_out_perplexity']:.1f} | {r['blimp_mean']:.4f} |"
+            f"| {r['held_out_perplexity']:.1f} | {'' if r.get('ood_loss') is None else format(r['ood_loss'], '.4f')} "
+            f"| {r['blimp_mean']:.4f} |"
         )
     paradigms = list(results[0]["blimp"])
     lines += ["", "| BLiMP paradigm | " + " | ".join(r["name"] for r in results) + " |",
@@ -402,6 +467,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--held-out-fraction", type=float, default=0.05)
     parser.add_argument("--max-held-out-blocks", type=int, default=512, help="held-out blocks scored for the loss")
+    parser.add_argument("--ood-text", default="devil",
+                        help="out-of-domain text scored like the held-out text: `devil` (The Devil's Dictionary from "
+                             "Debian dict-devil), a file, or `none`")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-evaluate the models saved in --output-dir by an earlier run (no training)")
     parser.add_argument("--routing-blocks", type=int, default=64, help="held-out blocks for the routing analysis")
     parser.add_argument("--blimp-path", default=str(DEFAULT_BLIMP))
     parser.add_argument("--max-blimp-pairs", type=int, default=None, help="pairs per paradigm (default: all)")
@@ -431,16 +501,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text: {source}; train {len(train_text):,} chars, held out {len(held_text):,} chars from {held_from!r}")
     (out / "held_out.txt").write_text(held_text, encoding="utf-8")
 
+    ood_source, other_text = ood_text(args.ood_text)
+    if other_text is not None:
+        (out / "ood.txt").write_text(other_text, encoding="utf-8")
     torch.manual_seed(args.seed)
-    tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab_size)
-    tokenizer.save_pretrained(out / "tokenizer")
-    data = encode_data(tokenizer, train_text, held_text, args)
+    if args.evaluate_only:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    else:
+        tokenizer = train_bpe_tokenizer(train_text, vocab_size=args.vocab_size)
+        tokenizer.save_pretrained(out / "tokenizer")
+    data = encode_data(tokenizer, train_text, held_text, args, other_text)
     train_blocks, held_blocks, blimp_ids = data["train_blocks"], data["held_blocks"], data["blimp_ids"]
     needed = args.steps * args.batch_size
     data["order"] = block_order(len(train_blocks), needed, args.seed)
     print(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; {len(train_blocks):,} training blocks of "
           f"{args.block_size} ({train_blocks.numel():,} tokens); {needed * args.block_size:,} training tokens per model "
-          f"= {needed / len(train_blocks):.2f} epochs; {len(held_blocks)} held-out blocks")
+          f"= {needed / len(train_blocks):.2f} epochs; {len(held_blocks)} held-out blocks"
+          + ("" if other_text is None else f"; {len(data['ood_blocks'])} blocks of {ood_source}"))
     data_path = out / "data.pt"
     torch.save(data, data_path)
 
@@ -449,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_model, job): job["name"] for job in jobs}
+        worker = evaluate_saved if args.evaluate_only else run_model
+        futures = {pool.submit(worker, job): job["name"] for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             result = future.result()
             results[result["name"]] = result
@@ -459,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {
         "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
         "text": source, "held_out_from": held_from, "train_chars": len(train_text), "held_out_chars": len(held_text),
+        "ood_text": ood_source, "ood_blocks": None if other_text is None else len(data["ood_blocks"]),
         "vocab_size": len(tokenizer), "train_blocks": len(train_blocks), "held_out_blocks": len(held_blocks),
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "block_size": args.block_size,
         "lr": args.lr, "jobs": args.jobs, "torch_threads_per_job": 1,
@@ -466,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     data_path.unlink()
+    if args.evaluate_only and (out / "results.json").is_file():  # keep the training run's set-up
+        trained = json.loads((out / "results.json").read_text())["setup"]
+        setup = {**trained, "ood_text": ood_source, "ood_blocks": setup["ood_blocks"],
+                 "evaluate_only_command": setup["command"], "evaluate_only_wall_seconds": setup["wall_seconds"]}
     write_results(out, setup, ordered, markdown_tables(ordered, setup))
     return 0
 
