@@ -561,7 +561,8 @@ def write_results(out: Path, setup: dict, models: list[dict], tables: str) -> No
     (out / "results.md").write_text(tables + "\n")
     print()
     print(tables)
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({setup['wall_seconds']:.0f} s)")
+    seconds = setup.get("evaluate_only_wall_seconds", setup["wall_seconds"])
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":
