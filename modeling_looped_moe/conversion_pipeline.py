@@ -49,6 +49,7 @@ from .conversion_writer import (
 )
 
 REPORT_NAME = "conversion_report.json"
+GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 @dataclass
@@ -96,9 +97,6 @@ def _check_options(options: ConversionOptions) -> None:
     for name in ("num_untied_first_layers", "num_untied_last_layers", "calibration_tokens"):
         if getattr(options, name) < 0:
             raise ConversionError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(options, name)}")
-
-
-GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 def _check_looped_source(source: SourceCheckpoint, options: ConversionOptions, tying: bool) -> None:
@@ -150,8 +148,9 @@ class _Plan:
         self.bank_map = self.config.expert_bank_map()
         self.groups = bank_groups(self.config)
         self.export_prefix = source.family.moe_prefixes[0] if source.family is not None else None
+        self.shapes = canonical_shapes(self.config)
         # Tensors outside the layers besides embeddings, final norm and head (a native model's iteration embedding).
-        self.extra_globals = [name for name in canonical_shapes(self.config) if not name.startswith(
+        self.extra_globals = [name for name in self.shapes if not name.startswith(
             ("model.layers.", "model.expert_banks.")) and name not in GLOBAL_NAMES]
         self.tensors: list[PlannedTensor] = self._plan_tensors()
 
@@ -170,8 +169,7 @@ class _Plan:
         return layer_prefix(layer_idx) + relative
 
     def _plan_tensors(self) -> list[PlannedTensor]:
-        source, config = self.source, self.config
-        shapes = canonical_shapes(config)
+        source, config, shapes = self.source, self.config, self.shapes
         width, hidden = config.moe_intermediate_size, config.hidden_size
 
         def global_tensor(name: str) -> PlannedTensor:

@@ -29,6 +29,7 @@ import multiprocessing
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ import reproduce_small as repro  # noqa: E402  (also puts the repository on sys.
 from modeling_looped_moe import LoopedMoeForCausalLM  # noqa: E402
 from modeling_looped_moe.conversion_pipeline import ConversionOptions, convert_checkpoint  # noqa: E402
 from modeling_looped_moe.conversion_tying import TIE_METHODS  # noqa: E402
+from modeling_looped_moe.conversion_writer import copy_tokenizer_files  # noqa: E402
 
 UNTIED_FIRST, UNTIED_LAST = 2, 2
 
@@ -61,7 +63,7 @@ def prepare_source(source_dir: Path, model_name: str, work: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(model_dir, target)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    copy_tokenizer_files(tokenizer_dir, target)
     return target
 
 
@@ -75,7 +77,7 @@ def remove_experts(source: Path, output: Path, layers: list[int]) -> None:
             for tensor in model.model.expert_banks[bank_map[layer_idx]].parameters():
                 tensor.zero_()
     model.save_pretrained(output)
-    AutoTokenizer.from_pretrained(source).save_pretrained(output)
+    copy_tokenizer_files(source, output)
 
 
 def tie(source: Path, output: Path, group_size: int, method: str, calibration_text: Path,
@@ -86,10 +88,11 @@ def tie(source: Path, output: Path, group_size: int, method: str, calibration_te
                                 calibration_text=str(calibration_text), calibration_tokens=calibration_tokens,
                                 overwrite=True, progress=False)
     report = convert_checkpoint(source, output, options, log=tqdm.write)
-    bank_map = LoopedMoeForCausalLM.config_class.from_pretrained(output).expert_bank_map()
-    shared = {layer for layer, bank in bank_map.items() if list(bank_map.values()).count(bank) > 1}
-    errors = [row["moe_rel_error"] for row in report["layers"] if row["layer"] in shared]
-    return {"banks": report["expert_banks_after"], "tied_layers": sorted(shared),
+    layers = [row for row in report["layers"] if isinstance(row["layer"], int) and row["bank"] is not None]
+    layers_per_bank = Counter(row["bank"] for row in layers)
+    tied = [row for row in layers if layers_per_bank[row["bank"]] > 1]
+    errors = [row["moe_rel_error"] for row in tied]
+    return {"banks": report["expert_banks_after"], "tied_layers": [row["layer"] for row in tied],
             "moe_rel_error_mean": sum(errors) / len(errors), "moe_rel_error_max": max(errors),
             "calibration": report["calibration"], "convert_seconds": report["seconds"]}
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -11,6 +15,18 @@ from modeling_looped_moe import LoopedMoeConfig
 
 # Tiny models run faster on one thread than on two contended ones, and results do not depend on timing.
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_repo_module(relative_path: str) -> ModuleType:
+    """Imports a file of the repository that is not in a package (`scripts/`, `eval/`, `conversion/`) by its path,
+    without registering it in `sys.modules`."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_config(**overrides) -> LoopedMoeConfig:

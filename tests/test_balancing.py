@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import load_repo_module, small_config
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM, load_preset
 from modeling_looped_moe.balancing_looped_moe import (
@@ -19,7 +17,6 @@ from modeling_looped_moe.balancing_looped_moe import (
     format_balance_table,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 # Small references have few, narrow experts: a width grid of 1 gets them within this (stated in the tests only).
 SMALL_TOLERANCE = 0.015
 
@@ -223,15 +220,8 @@ def test_table_shows_both_configs_and_errors():
     assert result.to_dict()["looped"]["num_experts"] == result.config.num_experts
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("capacity_balance", REPO / "scripts" / "capacity_balance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_prints_table_saves_config_and_fails_on_tolerance(capsys, tmp_path):
-    script = _load_script()
+    script = load_repo_module("scripts/capacity_balance.py")
     assert script.main(["--reference", "moe-16", "--layout", "4x4", "--save-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| total params | 250.95M |" in out and "0+4x4+0" in out

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import REPO, load_repo_module, small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM, available_presets, load_preset
 from modeling_looped_moe.presets import presets_dir
-
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -337,7 +333,5 @@ def test_paper_presets_are_compute_matched() -> None:
 
 def test_presets_readme_table_is_current() -> None:
     """configuration/README.md holds the table that scripts/presets_table.py prints now."""
-    spec = importlib.util.spec_from_file_location("presets_table", REPO / "scripts" / "presets_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_repo_module("scripts/presets_table.py")
     assert module.presets_table() in (REPO / "configuration" / "README.md").read_text()

@@ -6,12 +6,12 @@ Other `test_conversion_*.py` modules import the helpers from here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_repo_module
 from safetensors import safe_open
 from transformers import (
     MixtralConfig,
@@ -38,7 +38,6 @@ ATOL = 1e-5
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 64
 NUM_EXPERTS = 4
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small experts route every token through "
          "layers of tied banks and loops").split()
 
@@ -177,11 +176,7 @@ def leftovers(parent: Path, name: str) -> list[str]:
 
 def load_cli():
     """The `conversion/convert_moe_checkpoint.py` module, imported from its path."""
-    spec = importlib.util.spec_from_file_location("convert_moe_checkpoint",
-                                                  REPO_ROOT / "conversion" / "convert_moe_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("conversion/convert_moe_checkpoint.py")
 
 
 @pytest.fixture(autouse=True)

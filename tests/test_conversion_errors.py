@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     FAMILIES,
-    REPO_ROOT,
     family_model,
     leftovers,
     load_cli,
@@ -190,7 +190,7 @@ def test_interrupted_run_leaves_nothing(family, interruption, cli, capsys, prist
 
 def test_command_line_exit_status_and_success(pristine_sources, tmp_path: Path):
     """The script runs standalone: a clean one-line error with status 2, then a successful conversion."""
-    script = str(REPO_ROOT / "conversion" / "convert_moe_checkpoint.py")
+    script = str(REPO / "conversion" / "convert_moe_checkpoint.py")
     env = {**os.environ, "PYTHONPATH": ""}
     failed = subprocess.run([sys.executable, script, "--source", str(tmp_path / "nowhere"), "--output",
                              str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)

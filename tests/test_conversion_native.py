@@ -15,13 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import small_config
 from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     ATOL,
-    EOS,
     NUM_EXPERTS,
-    PAD,
-    BOS,
-    VOCAB,
     convert,
     greedy,
     load_cli,
@@ -30,12 +27,13 @@ from test_conversion_common import (  # noqa: F401  (one_torch_thread is an auto
     save_tokenizer,
 )
 
-from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
+from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.conversion_families import ConversionError
 from modeling_looped_moe.conversion_tying import bank_groups
 
 # Four MoE layers between one untied first and one untied last layer: two groups of two at G = 2.
 TYING = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
+TYING_FIELDS = dict(expert_tying_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
 LAYOUTS = {
     "plain": dict(num_prelude_layers=0, num_loop_layers=6, num_loops=1, num_coda_layers=0),
     "looped": dict(num_prelude_layers=1, num_loop_layers=4, num_loops=2, num_coda_layers=1, per_loop_router=True,
@@ -44,27 +42,20 @@ LAYOUTS = {
 
 
 def native_model(layout: str, seed: int = 0, **overrides) -> LoopedMoeForCausalLM:
-    """A small random `LoopedMoeForCausalLM` with decisive (std 0.2) weights, in eval mode."""
-    fields = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  intermediate_size=48, num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=16,
-                  max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-                  tie_word_embeddings=False, **LAYOUTS[layout])
-    fields.update(overrides)
+    """A small random `LoopedMoeForCausalLM` (`small_config` with the layout) with decisive (std 0.2) weights, in
+    eval mode."""
     torch.manual_seed(seed)
-    model = LoopedMoeForCausalLM(LoopedMoeConfig(**fields))
+    model = LoopedMoeForCausalLM(small_config(num_experts=NUM_EXPERTS, **{**LAYOUTS[layout], **overrides}))
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
     return model.eval()
 
 
-def tying_groups(model: LoopedMoeForCausalLM) -> list[list[int]]:
+def tying_groups(layout: str) -> list[list[int]]:
     """The groups of unique MoE layers that `TYING` makes share a bank."""
-    fields = {**model.config.to_dict(), "expert_tying_group_size": TYING["tie_group_size"],
-              "num_untied_first_layers": TYING["num_untied_first_layers"],
-              "num_untied_last_layers": TYING["num_untied_last_layers"]}
-    fields = {k: v for k, v in fields.items() if k not in ("model_type", "transformers_version", "architectures")}
-    return [layers for layers in bank_groups(LoopedMoeConfig(**fields)).values() if len(layers) > 1]
+    config = small_config(num_experts=NUM_EXPERTS, **LAYOUTS[layout], **TYING_FIELDS)
+    return [layers for layers in bank_groups(config).values() if len(layers) > 1]
 
 
 def bank_of(model: LoopedMoeForCausalLM, layer_idx: int) -> torch.nn.Module:
@@ -97,7 +88,7 @@ def test_aligned_tying_of_a_native_model_keeps_its_function(layout: str, tmp_pat
     """Permuted copies are tied losslessly by `aligned`: same logits and greedy tokens, fewer banks; `average` of the
     misaligned copies changes the function."""
     model = native_model(layout)
-    groups = tying_groups(model)
+    groups = tying_groups(layout)
     assert len(groups) == 2 and all(len(group) == 2 for group in groups)
     plant_permuted_copies(model, groups)
     source = save_native(model, tmp_path / "source")
@@ -131,7 +122,7 @@ def test_aligned_tying_of_a_native_model_keeps_its_function(layout: str, tmp_pat
 def test_select_tying_equals_the_source_with_each_group_given_its_first_bank(tmp_path: Path):
     """`select` gives exactly the model whose tied layers all use their group's first layer's experts."""
     model = native_model("plain")
-    groups = tying_groups(model)
+    groups = tying_groups("plain")
     source = save_native(model, tmp_path / "source")
     convert(source, tmp_path / "select", tie_method="select", calibration_tokens=32, **TYING)
     selected = AutoModelForCausalLM.from_pretrained(tmp_path / "select").eval()
@@ -155,8 +146,7 @@ def test_native_sources_refuse_what_they_cannot_do(tmp_path: Path):
         convert(source, tmp_path / "out")
     with pytest.raises(ConversionError, match="two runs"):
         convert(source, tmp_path / "out", to_source_format=True, **TYING)
-    tied = save_native(native_model("plain", expert_tying_group_size=2, num_untied_first_layers=1,
-                                    num_untied_last_layers=1), tmp_path / "tied")
+    tied = save_native(native_model("plain", **TYING_FIELDS), tmp_path / "tied")
     with pytest.raises(ConversionError, match="already tied"):
         convert(tied, tmp_path / "out", **TYING)
     assert not (tmp_path / "out").exists()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO, load_repo_module
 
 from modeling_looped_moe.eval_data import (
     cloze_items,
@@ -16,15 +16,10 @@ from modeling_looped_moe.eval_data import (
     text_chunks,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def load_local_tasks():
     """Import `eval/tasks/local_tasks.py` by path, as lm-eval does."""
-    spec = importlib.util.spec_from_file_location("local_tasks_under_test", REPO / "eval" / "tasks" / "local_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("eval/tasks/local_tasks.py")
 
 
 def write_pairs(folder: Path) -> None:

@@ -6,7 +6,6 @@ quantities computed directly from the model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_repo_module
 from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from modeling_looped_moe import LoopedMoeForCausalLM, load_preset
 from modeling_looped_moe.data_looped_moe import python_docs_corpus, train_bpe_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PAIRS = {
     "subject_verb": [("The cat sleeps.", "The cat sleep."), ("Dogs run fast.", "Dogs runs fast."),
@@ -34,10 +33,7 @@ TEXT = ("The interpreter reads a line, evaluates it and prints the result. A fun
 
 def load_script(name: str):
     """Import a command from `eval/` by path (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"eval_{name}_under_test", REPO / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module(f"eval/{name}.py")
 
 
 @pytest.fixture(scope="module")

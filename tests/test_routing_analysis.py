@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import load_repo_module, small_config
 
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.moe_looped_moe import LoopedMoeTopKRouter
@@ -25,8 +23,6 @@ from modeling_looped_moe.routing_analysis_looped_moe import (
     topk_experts,
     topk_set_agreement,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def frozen_stream_model(**overrides) -> LoopedMoeForCausalLM:
@@ -256,17 +252,10 @@ def test_text_to_blocks():
         text_to_blocks("abc", None, vocab_size=256, block_size=8)
 
 
-def _load_command():
-    spec = importlib.util.spec_from_file_location("routing_analysis_cli", REPO / "eval" / "routing_analysis.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_writes_json_and_plots(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    command = _load_command()
+    command = load_repo_module("eval/routing_analysis.py")
     out = tmp_path / "out"
     report = command.main(["--preset", "tiny", "--text", str(text), "--output-dir", str(out),
                            "--max-tokens", "256", "--block-size", "32"])
