@@ -2,9 +2,15 @@
 PYTHON ?= python3
 PRESET ?= tiny
 
-.PHONY: install demo test
+# The ends of the supported range (README, "Supported versions"): `make test` runs the whole suite on each, in its
+# own virtual environment under $(VENVS). torch 2.13.0 is the CPU build on this disk; an unpinned torch may pull a
+# multi-GB CUDA build.
+OLDEST ?= "torch==2.13.0" "transformers==5.23.0"
+NEWEST ?= "torch==2.14.1" "transformers==5.25.0"
+VENVS ?= .venvs
 
-# torch first and pinned: 2.13.0 is the CPU build on this disk; an unpinned torch may pull a multi-GB CUDA build.
+.PHONY: install demo test test-oldest test-newest test-env
+
 install:
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
 	$(PYTHON) -m pip install --quiet -e ".[dev,eval]"
@@ -12,6 +18,21 @@ install:
 demo: install
 	$(PYTHON) -m modeling_looped_moe.main_job --preset $(PRESET) $(ARGS)
 
-# Tests never download: the Hub is unreachable here and tests build everything locally.
-test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+test: test-oldest test-newest
+
+test-oldest:
+	$(MAKE) test-env NAME=oldest PINS='$(OLDEST)'
+
+test-newest:
+	$(MAKE) test-env NAME=newest PINS='$(NEWEST)'
+
+# One environment: `make test-env NAME=mine PINS='"torch==2.13.0" "transformers==5.24.0"'`. The pins are repeated
+# when the package is installed, so resolving its extras cannot move them. Tests never download: the Hub is
+# unreachable here and tests build everything locally.
+test-env:
+	@test -n "$(NAME)" -a -n '$(PINS)' || { echo "test-env needs NAME=... and PINS='...'"; exit 2; }
+	$(PYTHON) -m venv $(VENVS)/$(NAME)
+	$(VENVS)/$(NAME)/bin/python -m pip install --quiet $(PINS)
+	$(VENVS)/$(NAME)/bin/python -m pip install --quiet -e ".[dev,eval]" $(PINS)
+	@$(VENVS)/$(NAME)/bin/python -c "import torch, transformers; print('== testing with torch', torch.__version__, 'transformers', transformers.__version__)"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENVS)/$(NAME)/bin/python -m pytest -q

@@ -81,7 +81,7 @@ class LoopedMoeAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_idx: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,10 +95,10 @@ class LoopedMoeAttention(nn.Module):
         query_states = apply_rotary(query_states.transpose(1, 2), *position_embeddings)
         key_states, value_states = self.project_key_value(hidden_states, position_embeddings)
 
-        if past_key_values is not None:
+        if cache is not None:
             if cache_idx is None:
                 raise ValueError("LoopedMoeAttention needs `cache_idx` (the depth step) to use a cache")
-            key_states, value_states = past_key_values.update(key_states, value_states, cache_idx)
+            key_states, value_states = cache.update(key_states, value_states, cache_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

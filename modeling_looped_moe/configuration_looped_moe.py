@@ -6,6 +6,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .compat_looped_moe import CACHE_NAME
+
+
 QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
 EXIT_CRITERIA = ("entropy", "confidence", "kl")
@@ -101,7 +104,7 @@ class LoopedMoeConfig(PreTrainedConfig):
     """
 
     model_type = "looped_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     def __init__(
         self,

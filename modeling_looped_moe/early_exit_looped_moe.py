@@ -216,7 +216,7 @@ def adaptive_decode_step(
     hidden_states: torch.Tensor,
     causal_mask: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    past_key_values: Cache,
+    cache: Cache,
     settings: AdaptiveExit,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step with per-row exits at loop boundaries, compacting the rows that are still looping.
@@ -226,7 +226,7 @@ def adaptive_decode_step(
         hidden_states: `[batch, 1, hidden]` input embeddings.
         causal_mask: The step's attention mask as built for the full batch.
         position_embeddings: `(cos, sin)` for the step.
-        past_key_values: The cache; every loop and coda slot receives exactly one write per row.
+        cache: The cache; every loop and coda slot receives exactly one write per row.
         settings: Criterion, threshold, key/value policy and LM head.
 
     Returns:
@@ -238,7 +238,7 @@ def adaptive_decode_step(
     num_loops = settings.max_loop or config.num_loops
     coda_start = prelude + loop_len * config.num_loops
     cos, sin = position_embeddings
-    shared_kwargs = dict(past_key_values=past_key_values)
+    shared_kwargs = dict(cache=cache)
     for step in range(prelude):
         hidden_states = model.run_depth_step(
             hidden_states, step, attention_mask=causal_mask, position_embeddings=position_embeddings, **shared_kwargs
@@ -259,24 +259,24 @@ def adaptive_decode_step(
         def stage(slot, key_states, value_states, rows=current_rows):
             staging.put(slot, rows, batch_size, key_states, value_states)
 
-        view = StagedCacheView(past_key_values, current_rows if len(current_rows) < batch_size else None, stage)
+        view = StagedCacheView(cache, current_rows if len(current_rows) < batch_size else None, stage)
         for offset in range(loop_len):
             states = model.run_depth_step(
                 states, prelude + loop_idx * loop_len + offset, loop_input=loop_inputs,
-                attention_mask=rows_mask, position_embeddings=rows_embeddings, past_key_values=view,
+                attention_mask=rows_mask, position_embeddings=rows_embeddings, cache=view,
             )
         coda_staging = _Staging()
 
         def stage_coda(slot, key_states, value_states, rows=current_rows):
             coda_staging.put(slot, torch.arange(len(rows), device=rows.device), len(rows), key_states, value_states)
 
-        coda_view = StagedCacheView(past_key_values, view.rows, stage_coda)
+        coda_view = StagedCacheView(cache, view.rows, stage_coda)
         exit_states = states
         with no_output_capture():
             for step in range(coda_start, coda_start + config.num_coda_layers):
                 exit_states = model.run_depth_step(
                     exit_states, step, attention_mask=rows_mask, position_embeddings=rows_embeddings,
-                    past_key_values=coda_view,
+                    cache=coda_view,
                 )
             logits = settings.lm_head(model.norm(exit_states))[:, -1]
         if final_logits is None:
@@ -297,7 +297,7 @@ def adaptive_decode_step(
         loop_inputs = loop_inputs[~fires]
         if len(active) == 0:
             break
-    staging.commit(past_key_values)
+    staging.commit(cache)
     return final_logits[:, None, :], exit_loops
 
 
@@ -333,7 +333,7 @@ class _KeyValueOverride:
 
 
 def adaptive_prefill(
-    model, hidden_states: torch.Tensor, past_key_values: Cache | None, settings: AdaptiveExit, **layer_kwargs
+    model, hidden_states: torch.Tensor, cache: Cache | None, settings: AdaptiveExit, **layer_kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Process several new tokens per row with per-position exits at loop boundaries.
 
@@ -349,10 +349,10 @@ def adaptive_prefill(
     prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
     num_loops = settings.max_loop or config.num_loops
     for step in range(prelude):
-        hidden_states = model.run_depth_step(hidden_states, step, past_key_values=past_key_values, **layer_kwargs)
+        hidden_states = model.run_depth_step(hidden_states, step, cache=cache, **layer_kwargs)
     loop_input = hidden_states
     slots = {prelude + k * loop_len + offset: offset for k in range(config.num_loops) for offset in range(loop_len)}
-    proxy = _KeyValueOverride(past_key_values, settings.kv_policy, slots)
+    proxy = _KeyValueOverride(cache, settings.kv_policy, slots)
     batch, seq = hidden_states.shape[:2]
     exited = torch.zeros(batch, seq, dtype=torch.bool, device=hidden_states.device)
     exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
@@ -361,13 +361,13 @@ def adaptive_prefill(
         proxy.exited = exited
         for offset in range(loop_len):
             new_states = model.run_depth_step(
-                hidden_states, prelude + loop_idx * loop_len + offset, loop_input=loop_input, past_key_values=proxy,
+                hidden_states, prelude + loop_idx * loop_len + offset, loop_input=loop_input, cache=proxy,
                 **layer_kwargs,
             )
             hidden_states = torch.where(exited[..., None], hidden_states, new_states)
         if loop_idx >= num_loops:
             continue  # loops beyond an exit cap only fill the cache slots
-        logits = settings.lm_head(model.exit_hidden_states(hidden_states, past_key_values, **layer_kwargs))
+        logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
         flat = logits.reshape(batch * seq, -1)
         fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
         if loop_idx == num_loops - 1:
@@ -377,7 +377,7 @@ def adaptive_prefill(
         exited = exited | fires
         previous_logits = flat
     for step in model.coda_steps():
-        hidden_states = model.run_depth_step(hidden_states, step, past_key_values=past_key_values, **layer_kwargs)
+        hidden_states = model.run_depth_step(hidden_states, step, cache=cache, **layer_kwargs)
     return settings.lm_head(model.norm(hidden_states)), exit_loops
 
 

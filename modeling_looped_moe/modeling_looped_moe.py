@@ -10,7 +10,6 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import (
     PreTrainedModel,
@@ -25,6 +24,7 @@ from .attention_looped_moe import (
     LoopedMoeRMSNorm,
     LoopedMoeRotaryEmbedding,
 )
+from .compat_looped_moe import CACHE_NAME, cache_kwargs, create_causal_mask, output_cache, resolve_cache
 from .conditioning_looped_moe import LoopedMoeIterAdaLN, LoopedMoeIterationEmbedding
 from .configuration_looped_moe import LoopedMoeConfig
 from .early_exit_looped_moe import (
@@ -108,6 +108,7 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         cache_idx: int | None = None,
         experts: LoopedMoeExperts | None = None,
@@ -115,13 +116,14 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         loop_vector: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = resolve_cache(cache, past_key_values)  # called with `cache_kwargs`: the name checkpointing drops
         residual = hidden_states
         hidden_states = self.attention_input(hidden_states, loop_vector)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             cache_idx=cache_idx,
             **kwargs,
         )
@@ -144,7 +146,7 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LoopedMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -245,7 +247,12 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         return hidden_states
 
     def run_depth_step(
-        self, hidden_states: torch.Tensor, depth_step: int, loop_input: torch.Tensor | None = None, **layer_kwargs
+        self,
+        hidden_states: torch.Tensor,
+        depth_step: int,
+        loop_input: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **layer_kwargs,
     ) -> torch.Tensor:
         """Apply depth step `depth_step` of the schedule, writing cache slot `depth_step`.
 
@@ -259,6 +266,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         return self.layers[layer_idx](
             hidden_states,
             cache_idx=depth_step,
+            **cache_kwargs(cache),
             experts=self.experts_for_layer(layer_idx),
             loop_idx=loop_idx,
             loop_vector=self.loop_vector(layer_idx, loop_idx),
@@ -293,12 +301,12 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             raise ValueError(f"exit_loop must be an integer in 1..{self.config.num_loops}, got {exit_loop!r}")
         return exit_loop
 
-    def exit_hidden_states(self, hidden_states: torch.Tensor, past_key_values: Cache | None, **layer_kwargs):
+    def exit_hidden_states(self, hidden_states: torch.Tensor, cache: Cache | None, **layer_kwargs):
         """Coda and final norm applied to a loop-boundary state, reading the cache without writing it."""
-        view = StagedCacheView(past_key_values) if past_key_values is not None else None
+        view = StagedCacheView(cache) if cache is not None else None
         with no_output_capture():
             for step in self.coda_steps():
-                hidden_states = self.run_depth_step(hidden_states, step, past_key_values=view, **layer_kwargs)
+                hidden_states = self.run_depth_step(hidden_states, step, cache=view, **layer_kwargs)
         return self.norm(hidden_states)
 
     @merge_with_config_defaults
@@ -308,9 +316,10 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         exit_loop: int | None = None,
         output_loop_hidden_states: bool = False,
         output_loop_exit_states: bool = False,
@@ -318,6 +327,10 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         **kwargs,
     ) -> LoopedMoeModelOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache, one slot per depth step (created when `use_cache=True` and none is given).
+        past_key_values (`Cache`, *optional*):
+            The same argument under its name before transformers 5.24 (which `generate()` of those versions passes).
         exit_loop (`int`, *optional*):
             Leave the loop block after this loop (static early exit); defaults to `config.exit_loop` (all loops).
         output_loop_hidden_states (`bool`, defaults to `False`):
@@ -331,40 +344,33 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = resolve_cache(cache, past_key_values)
         exit_loop = self.resolve_exit_loop(exit_loop)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, **kwargs)
         if adaptive_exit is not None:
-            if hidden_states.shape[1] == 1 and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if hidden_states.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
                 with no_output_capture():
                     exit_logits, exit_loops = adaptive_decode_step(
-                        self, hidden_states, causal_mask, position_embeddings, past_key_values, adaptive_exit
+                        self, hidden_states, causal_mask, position_embeddings, cache, adaptive_exit
                     )
                 exit_loops = exit_loops[:, None]
             else:
-                exit_logits, exit_loops = adaptive_prefill(self, hidden_states, past_key_values, adaptive_exit,
+                exit_logits, exit_loops = adaptive_prefill(self, hidden_states, cache, adaptive_exit,
                                                            **layer_kwargs)
-            return LoopedMoeModelOutputWithPast(
-                past_key_values=past_key_values, exit_logits=exit_logits, exit_loops=exit_loops
-            )
+            return LoopedMoeModelOutputWithPast(**cache_kwargs(cache), exit_logits=exit_logits, exit_loops=exit_loops)
 
         boundaries = self.loop_boundaries(exit_loop)
         loop_hidden_states, loop_exit_states, loop_input = [], [], None
@@ -372,19 +378,19 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             if depth_step == self.config.num_prelude_layers:
                 loop_input = hidden_states
             hidden_states = self.run_depth_step(
-                hidden_states, depth_step, loop_input=loop_input, past_key_values=past_key_values, **layer_kwargs
+                hidden_states, depth_step, loop_input=loop_input, cache=cache, **layer_kwargs
             )
             if depth_step + 1 in boundaries:
                 if output_loop_hidden_states:
                     loop_hidden_states.append(hidden_states)
                 if output_loop_exit_states and depth_step + 1 != boundaries[-1]:
-                    loop_exit_states.append(self.exit_hidden_states(hidden_states, past_key_values, **layer_kwargs))
+                    loop_exit_states.append(self.exit_hidden_states(hidden_states, cache, **layer_kwargs))
         hidden_states = self.norm(hidden_states)
         if output_loop_exit_states:
             loop_exit_states.append(hidden_states)
         return LoopedMoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **cache_kwargs(cache),
             loop_hidden_states=tuple(loop_hidden_states) if output_loop_hidden_states else None,
             loop_exit_states=tuple(loop_exit_states) if output_loop_exit_states else None,
             loop_input=loop_input if output_loop_hidden_states else None,
@@ -427,10 +433,11 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         exit_loop: int | None = None,
@@ -441,6 +448,11 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> LoopedMoeCausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache, one slot per depth step; returned in the output under the name the installed transformers
+            reads (`cache` from 5.24, `past_key_values` before).
+        past_key_values (`Cache`, *optional*):
+            The same argument under its name before transformers 5.24.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the language-modelling loss (shifted inside); -100 is ignored. With labels, the
             load-balancing and z losses of every MoE depth step are averaged and added with their coefficients, and
@@ -459,14 +471,15 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        cache = resolve_cache(cache, past_key_values)
         record_router_logits = output_router_logits or self._router_losses_needed(labels)
         adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop)
         query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        is_decode_step = past_key_values is not None and query_length == 1 and past_key_values.get_seq_length() > 0
+        is_decode_step = cache is not None and query_length == 1 and cache.get_seq_length() > 0
         if adaptive is not None and labels is None:
             outputs = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                 adaptive_exit=adaptive, **kwargs,
             )
             last_loops = outputs.exit_loops[:, -1]
@@ -474,7 +487,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             record_exit_trace(self, last_loops[:, None], steps)
             return LoopedMoeCausalLMOutputWithPast(
                 logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
-                past_key_values=outputs.past_key_values,
+                **cache_kwargs(output_cache(outputs)),
                 exit_loops=outputs.exit_loops,
             )
 
@@ -484,7 +497,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=record_router_logits,
@@ -528,7 +541,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if record_router_logits else None,

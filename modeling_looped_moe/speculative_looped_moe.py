@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+
+from .compat_looped_moe import create_causal_mask
 
 
 @dataclass
@@ -81,7 +82,7 @@ def self_speculative_generate(
     verify_steps = list(range(resume_step, config.num_hidden_layers))
 
     cache = DynamicCache(config=config)
-    logits = model(input_ids, past_key_values=cache, use_cache=True, exit_loop=config.num_loops).logits
+    logits = model(input_ids, cache=cache, use_cache=True, exit_loop=config.num_loops).logits
     next_token = logits[:, -1].argmax(-1, keepdim=True)
     generated = [next_token]
     drafted = accepted = rounds = 0
@@ -91,7 +92,7 @@ def self_speculative_generate(
         start_length = cache.get_seq_length()
         drafts, draft_states, loop_inputs, token = [], [], [], next_token
         for _ in range(budget):
-            out = base(token, past_key_values=cache, use_cache=True, exit_loop=draft_loops,
+            out = base(token, cache=cache, use_cache=True, exit_loop=draft_loops,
                        output_loop_hidden_states=True)
             draft_states.append(out.loop_hidden_states[-1])
             loop_inputs.append(out.loop_input)
@@ -102,13 +103,12 @@ def self_speculative_generate(
         _crop_slots(cache, coda_slots, budget)
         hidden_states = torch.cat(draft_states, dim=1)
         position_ids = torch.arange(start_length, start_length + budget, device=hidden_states.device)[None]
-        causal_mask = create_causal_mask(config=config, inputs_embeds=hidden_states, attention_mask=None,
-                                         past_key_values=cache, position_ids=position_ids, layer_idx=resume_step)
+        causal_mask = create_causal_mask(config, hidden_states, None, cache, position_ids, layer_idx=resume_step)
         position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
         loop_input = torch.cat(loop_inputs, dim=1)
         for step in verify_steps:
             hidden_states = base.run_depth_step(hidden_states, step, loop_input=loop_input, attention_mask=causal_mask,
-                                                position_embeddings=position_embeddings, past_key_values=cache)
+                                                position_embeddings=position_embeddings, cache=cache)
         verified = model.lm_head(base.norm(hidden_states)).argmax(-1)  # [1, budget]: prediction after each fed token
         draft_row = torch.cat(drafts, dim=1)
         matches = (verified == draft_row)[0].long()

@@ -14,11 +14,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from conftest import assert_fp32_close, small_config
 from transformers import Trainer, TrainingArguments
 
 import modeling_looped_moe.early_exit_looped_moe as early_exit
 from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.compat_looped_moe import output_cache
 from modeling_looped_moe.modeling_looped_moe import (
     LoopedMoeAttention,
     LoopedMoeTopKRouter,
@@ -57,7 +58,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def greedy(model, ids, mask=None, **kwargs):
-    """Greedy `generate` of `NEW_TOKENS` tokens; returns the dict output (sequences, past_key_values, ...)."""
+    """Greedy `generate` of `NEW_TOKENS` tokens; returns the dict output (sequences, cache, ...)."""
     mask = torch.ones_like(ids) if mask is None else mask
     return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                           return_dict_in_generate=True, **kwargs)
@@ -156,11 +157,11 @@ def test_static_exit_entry_points_agree(model, tmp_path, k):
     ids, mask = padded_batch()
     logits = model(ids, attention_mask=mask, exit_loop=k).logits
     configured = build(exit_loop=k)
-    assert torch.equal(configured(ids, attention_mask=mask).logits, logits)
+    assert_fp32_close(configured(ids, attention_mask=mask).logits, logits)
     model.save_pretrained(tmp_path)
     reloaded = LoopedMoeForCausalLM.from_pretrained(tmp_path, exit_loop=k).eval()
     assert reloaded.config.exit_loop == k
-    assert torch.equal(reloaded(ids, attention_mask=mask).logits, logits)
+    assert_fp32_close(reloaded(ids, attention_mask=mask).logits, logits)
 
     by_kwarg = greedy(model, ids, mask, exit_loop=k, output_logits=True)
     assert by_kwarg.exit_loops.eq(k).all()
@@ -168,7 +169,7 @@ def test_static_exit_entry_points_agree(model, tmp_path, k):
         out = greedy(other, ids, mask, output_logits=True)
         assert torch.equal(out.sequences, by_kwarg.sequences)
         for a, b in zip(out.logits, by_kwarg.logits):
-            assert torch.equal(a, b)
+            assert_fp32_close(a, b)
     # The first generated token's logits are the prompt forward's last position.
     torch.testing.assert_close(by_kwarg.logits[0], logits[:, -1], atol=ATOL, rtol=0)
 
@@ -349,7 +350,7 @@ def test_kv_policies_differ_in_prompt_cache(model):
     assert torch.equal(exits == 1, runs["propagate"].exit_loops == 1)  # loop 1 reads no policy-dependent key
     rows, positions = torch.where((exits == 1) & (mask == 1))
     assert len(rows) > 0
-    copy_cache, propagate_cache = runs["copy"].past_key_values, runs["propagate"].past_key_values
+    copy_cache, propagate_cache = output_cache(runs["copy"]), output_cache(runs["propagate"])
     for offset in range(config.num_loop_layers):
         first = slot(config, 1, offset)
         assert torch.equal(copy_cache.layers[first].keys, propagate_cache.layers[first].keys)
@@ -371,7 +372,7 @@ def test_kv_policy_keys_of_skipped_loops_in_decode(model, policy):
     config, base = model.config, model.model
     out = greedy(model, ids, mask, exit_criterion="entropy", exit_threshold=threshold_for(model, "entropy", policy),
                  exit_kv_policy=policy)
-    cache, length = out.past_key_values, out.past_key_values.get_seq_length()
+    cache, length = output_cache(out), output_cache(out).get_seq_length()
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], length - mask.shape[1], dtype=mask.dtype)], dim=1)
     checked = 0
     for column in range(1, NEW_TOKENS):
@@ -383,7 +384,7 @@ def test_kv_policy_keys_of_skipped_loops_in_decode(model, policy):
                 past.crop(position - length)
                 position_ids = full_mask[:, : position + 1].cumsum(-1)[:, -1:] - 1
                 states = base(out.sequences[:, position: position + 1], attention_mask=full_mask[:, : position + 1],
-                              position_ids=position_ids, past_key_values=past, exit_loop=exit_loop,
+                              position_ids=position_ids, cache=past, exit_loop=exit_loop,
                               output_loop_hidden_states=True).loop_hidden_states[-1]
                 rotary = base.rotary_emb(states, position_ids=position_ids)
             for offset in range(config.num_loop_layers):
@@ -410,9 +411,9 @@ def test_kv_policy_keys_of_skipped_loops_in_decode(model, policy):
 def test_never_firing_cache_equals_full_depth_cache(model, criterion, policy):
     """With a threshold that never fires, every cache slot equals full-depth generation's."""
     ids, mask = padded_batch()
-    reference = greedy(model, ids, mask).past_key_values
-    adaptive = greedy(model, ids, mask, exit_criterion=criterion, exit_threshold=NEVER[criterion],
-                      exit_kv_policy=policy).past_key_values
+    reference = output_cache(greedy(model, ids, mask))
+    adaptive = output_cache(greedy(model, ids, mask, exit_criterion=criterion, exit_threshold=NEVER[criterion],
+                                   exit_kv_policy=policy))
     assert len(adaptive.layers) == len(reference.layers) == model.config.num_hidden_layers
     for ours, theirs in zip(adaptive.layers, reference.layers):
         # Staged writes through compacted views vs. direct writes: fp32 tolerance.

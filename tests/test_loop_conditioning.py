@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import assert_fp32_close, small_config
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.compat_looped_moe import output_cache
 from modeling_looped_moe.conditioning_looped_moe import LoopedMoeIterAdaLN, sinusoidal_code
 
 
@@ -56,7 +57,7 @@ def test_conditioning_changes_the_function_and_keeps_the_cache_consistent(option
         full = model(cached, attention_mask=torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)).logits
         cache_path = model(ids, attention_mask=mask, use_cache=True)
         step = model(cached[:, 7:8], attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
-                     past_key_values=cache_path.past_key_values).logits
+                     cache=output_cache(cache_path)).logits
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, static)
     torch.testing.assert_close(step[:, -1], full[:, 7], atol=1e-5, rtol=0)
@@ -90,14 +91,14 @@ def test_conditioning_with_early_exit(option):
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_conditioning_save_load_and_trainer_step(option, tmp_path):
-    """Save/load is exact, and a Trainer step updates the conditioning parameters."""
+    """Save/load keeps the logits (fp32 tolerance), and a Trainer step updates the conditioning parameters."""
     model = _model(**option)
     model.save_pretrained(tmp_path / "model")
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "model", output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     ids, mask = _prompts(model.config.vocab_size)
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+        assert_fp32_close(loaded.eval()(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
     data = [{"input_ids": row, "labels": row} for row in torch.randint(3, model.config.vocab_size, (8, 10))]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "adaln" in n or "loop_emb" in n}
@@ -122,7 +123,7 @@ def test_iter_adaln_starts_as_the_unconditioned_model():
     assert all(m.hidden_proj.weight.std() > 0 for m in modulations)
     ids, mask = _prompts(config.vocab_size)
     with torch.no_grad():
-        assert torch.equal(conditioned(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+        assert_fp32_close(conditioned(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
 
 
 def test_iter_adaln_extends_to_untrained_loop_counts(tmp_path):
