@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of `conversion/convert_moe_checkpoint.py` on a synthetic checkpoint of several GB (issue 3, point 4).
+"""Benchmark of the conversion command (`looped-moe-convert`) on a synthetic checkpoint of several GB (issue 3, point 4).
 
 Writes a random Mixtral-layout checkpoint (legacy per-expert keys, bf16, sharded like the Hub) of at least
 `--size-gb` GB, then measures in one run:
@@ -28,14 +28,6 @@ import time
 from pathlib import Path
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _import_package() -> None:
-    try:
-        import modeling_looped_moe  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
 
 
 def synthetic_config(size_gb: float, hidden: int, num_experts: int, expert_width: int, vocab: int) -> dict:
@@ -131,8 +123,7 @@ def folder_bytes(folder: Path) -> int:
 
 def largest_layer_bytes(source: Path) -> int:
     """Bytes of the largest decoder layer (all its tensors), from the index and safetensors headers."""
-    _import_package()
-    from modeling_looped_moe.conversion_source import list_checkpoint_tensors
+    from modeling_looped_moe.conversion.source import list_checkpoint_tensors
 
     sizes: dict[str, int] = {}
     for name, info in list_checkpoint_tensors(source).items():
@@ -196,12 +187,8 @@ def peak_rss_bytes() -> int:
 
 def child_main(source: str, output: str, extra: list[str]) -> None:
     """In the child: convert (through the command's own `main`), fsync the output, print seconds and peak RSS."""
-    _import_package()
-    import importlib.util
+    from modeling_looped_moe.conversion import command as cli
 
-    spec = importlib.util.spec_from_file_location("cli", REPO_ROOT / "conversion" / "convert_moe_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     baseline = peak_rss_bytes()
     started, cpu_started = time.perf_counter(), cpu_seconds()
     status = cli.main(["--source", source, "--output", output, "--no-progress", *extra])

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_looped_moe import LoopedMoeForCausalLM  # noqa: E402
-from modeling_looped_moe.quick_train_looped_moe import build_small_looped_moe, train_for_seconds  # noqa: E402
-from modeling_looped_moe.data_looped_moe import (  # noqa: E402
+from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.training.quick import build_small_looped_moe, train_for_seconds
+from modeling_looped_moe.data import (
     python_docs_corpus,
     read_texts,
     split_held_out,

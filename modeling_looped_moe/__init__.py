@@ -12,7 +12,7 @@ from .modeling_looped_moe import (
     LoopedMoeModel,
     LoopedMoePreTrainedModel,
 )
-from .presets import available_presets, load_preset
+from .configuration.presets import available_presets, load_preset
 from .speculative_looped_moe import SelfSpeculativeOutput, self_speculative_generate
 
 AutoConfig.register(LoopedMoeConfig.model_type, LoopedMoeConfig, exist_ok=True)

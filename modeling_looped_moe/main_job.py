@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _train(args: argparse.Namespace, output_dir: Path):
-    from .presets import load_preset
-    from .training_data_looped_moe import ModelDataArguments, parse_overrides
-    from .training_looped_moe import LoopedMoeTrainingArguments, run_training
+    from .configuration.presets import load_preset
+    from .training.data import ModelDataArguments, parse_overrides
+    from .training.trainer import LoopedMoeTrainingArguments, run_training
 
     overrides = list(TINY_OVERRIDES) if args.preset == "tiny" else []
     if args.num_loops:
@@ -75,7 +75,7 @@ def _train(args: argparse.Namespace, output_dir: Path):
     overrides = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
     data_args = ModelDataArguments(
         preset=args.preset, config_overrides=overrides, text_files=args.text, tokenizer_vocab_size=args.vocab_size,
-        block_size=args.block_size, eval_fraction=0.05,
+        block_size=args.block_size,
     )
     training_args = LoopedMoeTrainingArguments(
         output_dir=str(output_dir / "model"), max_steps=args.max_steps, max_train_seconds=args.train_seconds,
@@ -106,7 +106,7 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int
 
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate per loop and per exit threshold, write JSON and PNG, print a sample with adaptive exit."""
-    from .loop_eval_looped_moe import (
+    from .eval.loop_eval import (
         entropy_exit_sweep,
         loop_token_losses,
         per_loop_perplexity,

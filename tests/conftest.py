@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -31,16 +29,6 @@ FP32_ATOL = 1e-5
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Assert fp32 tensors agree within `FP32_ATOL` (bit-exact checks are kept for integer outputs)."""
     torch.testing.assert_close(actual, expected, atol=FP32_ATOL, rtol=0)
-
-
-def load_repo_module(relative_path: str) -> ModuleType:
-    """Imports a file of the repository that is not in a package (`scripts/`, `eval/`, `conversion/`) by its path,
-    without registering it in `sys.modules`."""
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # The child process must not be able to import the package, so that only the code copied into the saved folder can

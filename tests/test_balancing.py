@@ -6,10 +6,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import load_repo_module, small_config
+from conftest import small_config
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM, load_preset
-from modeling_looped_moe.balancing_looped_moe import (
+from modeling_looped_moe.configuration.command import balance_main
+from modeling_looped_moe.configuration.balancing import (
     DEFAULT_TOLERANCE,
     LoopLayout,
     balance_looped_config,
@@ -221,15 +222,14 @@ def test_table_shows_both_configs_and_errors():
 
 
 def test_cli_prints_table_saves_config_and_fails_on_tolerance(capsys, tmp_path):
-    script = load_repo_module("scripts/capacity_balance.py")
-    assert script.main(["--reference", "moe-16", "--layout", "4x4", "--save-dir", str(tmp_path)]) == 0
+    assert balance_main(["--reference", "moe-16", "--layout", "4x4", "--save-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| total params | 250.95M |" in out and "0+4x4+0" in out
     saved = load_preset(str(tmp_path / "0_4x4_0"))
     expected = balance_looped_config(load_preset("moe-16"), "4x4").config
     assert (saved.num_experts, saved.moe_intermediate_size, saved.num_loops) == (
         expected.num_experts, expected.moe_intermediate_size, 4)
-    assert script.main(["--layout", "8x2", "--tolerance", "1e-6"]) == 1
+    assert balance_main(["--layout", "8x2", "--tolerance", "1e-6"]) == 1
     assert "misses the tolerance" in capsys.readouterr().err
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_repo_module, small_config
+from conftest import REPO, small_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM, available_presets, load_preset
-from modeling_looped_moe.presets import presets_dir
+from modeling_looped_moe.configuration.presets import presets_dir, presets_table
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -332,6 +332,5 @@ def test_paper_presets_are_compute_matched() -> None:
 
 
 def test_presets_readme_table_is_current() -> None:
-    """configuration/README.md holds the table that scripts/presets_table.py prints now."""
-    module = load_repo_module("scripts/presets_table.py")
-    assert module.presets_table() in (REPO / "configuration" / "README.md").read_text()
+    """configuration/README.md holds the table that `python -m modeling_looped_moe.configuration table` prints now."""
+    assert presets_table() in (REPO / "configuration" / "README.md").read_text()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_repo_module
 from safetensors import safe_open
 from transformers import (
     MixtralConfig,
@@ -26,11 +25,11 @@ from transformers import (
 )
 
 import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
-from modeling_looped_moe.conversion_families import SUPPORTED_MODEL_TYPES
-from modeling_looped_moe.conversion_pipeline import ConversionOptions, convert_checkpoint
-from modeling_looped_moe.conversion_source import SourceCheckpoint
-from modeling_looped_moe.conversion_tying import _hungarian, bank_groups, linear_assignment
-from modeling_looped_moe.conversion_writer import PlannedTensor, StreamingShardWriter, parse_size
+from modeling_looped_moe.conversion.families import SUPPORTED_MODEL_TYPES
+from modeling_looped_moe.conversion.pipeline import ConversionOptions, convert_checkpoint
+from modeling_looped_moe.conversion.source import SourceCheckpoint
+from modeling_looped_moe.conversion.tying import _hungarian, bank_groups, linear_assignment
+from modeling_looped_moe.conversion.writer import PlannedTensor, StreamingShardWriter, parse_size
 
 
 FAMILIES = SUPPORTED_MODEL_TYPES
@@ -135,7 +134,7 @@ def convert(source: Path, output: Path | None, **options) -> dict:
 
 def tied_groups(source: Path, **tying) -> list[list[int]]:
     """The tying groups (layers sharing a bank, more than one) a conversion of `source` would use."""
-    from modeling_looped_moe.conversion_families import build_looped_config
+    from modeling_looped_moe.conversion.families import build_looped_config
 
     config = build_looped_config(SourceCheckpoint(source).config_fields, **tying)
     return [layers for layers in bank_groups(config).values() if len(layers) > 1]
@@ -175,8 +174,10 @@ def leftovers(parent: Path, name: str) -> list[str]:
 
 
 def load_cli():
-    """The `conversion/convert_moe_checkpoint.py` module, imported from its path."""
-    return load_repo_module("conversion/convert_moe_checkpoint.py")
+    """The conversion command's module (`looped-moe-convert`)."""
+    from modeling_looped_moe.conversion import command
+
+    return command
 
 
 @pytest.fixture(autouse=True)
@@ -242,7 +243,7 @@ def test_streaming_writer_round_trip(tmp_path: Path):
 
 def test_streaming_writer_refuses_missing_and_unplanned_tensors(tmp_path: Path):
     """Closing with a planned tensor unwritten fails, and so does writing an unplanned or misshapen tensor."""
-    from modeling_looped_moe.conversion_families import ConversionError
+    from modeling_looped_moe.conversion.families import ConversionError
 
     writer = StreamingShardWriter(tmp_path, [PlannedTensor("x", (2,), torch.float32)], max_shard_bytes=10**6)
     with pytest.raises(ConversionError, match="not planned"):
@@ -263,7 +264,7 @@ def test_parse_size():
 
 def test_streaming_writer_fills_a_tensor_piece_by_piece(tmp_path: Path):
     """`write_part` fills a fused tensor from pieces in any order; a tensor missing a piece is reported at close."""
-    from modeling_looped_moe.conversion_families import ConversionError
+    from modeling_looped_moe.conversion.families import ConversionError
 
     fused = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     plan = [PlannedTensor("fused", (2, 3, 4), torch.float32), PlannedTensor("other", (2, 3, 4), torch.float32)]

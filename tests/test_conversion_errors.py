@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     FAMILIES,
@@ -164,7 +163,7 @@ def test_existing_output_needs_overwrite(family, cli, capsys, pristine_sources, 
 def test_interrupted_run_leaves_nothing(family, interruption, cli, capsys, pristine_sources, tmp_path: Path,
                                         monkeypatch):
     """A failure half way through the layers (after shards were started) removes the temporary folder."""
-    from modeling_looped_moe import conversion_pipeline
+    from modeling_looped_moe.conversion import pipeline as conversion_pipeline
 
     original = conversion_pipeline._Runner._layer
     seen = []
@@ -189,15 +188,15 @@ def test_interrupted_run_leaves_nothing(family, interruption, cli, capsys, prist
 
 
 def test_command_line_exit_status_and_success(pristine_sources, tmp_path: Path):
-    """The script runs standalone: a clean one-line error with status 2, then a successful conversion."""
-    script = str(REPO / "conversion" / "convert_moe_checkpoint.py")
+    """The command runs standalone: a clean one-line error with status 2, then a successful conversion."""
+    command = [sys.executable, "-m", "modeling_looped_moe.conversion"]
     env = {**os.environ, "PYTHONPATH": ""}
-    failed = subprocess.run([sys.executable, script, "--source", str(tmp_path / "nowhere"), "--output",
+    failed = subprocess.run([*command, "--source", str(tmp_path / "nowhere"), "--output",
                              str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1] == f"error: source {tmp_path / 'nowhere'} is not a folder"
     assert "Traceback" not in failed.stderr
-    done = subprocess.run([sys.executable, script, "--source", str(pristine_sources["qwen2_moe"]), "--output",
+    done = subprocess.run([*command, "--source", str(pristine_sources["qwen2_moe"]), "--output",
                            str(tmp_path / "out"), "--tie-group-size", "2", "--num-untied-first-layers", "1",
                            "--num-untied-last-layers", "1"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from modeling_looped_moe.conversion_families import family_model_class, get_family
+from modeling_looped_moe.conversion.families import family_model_class, get_family
 from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
     ATOL,
     FAMILIES,
@@ -70,7 +70,7 @@ def test_round_trip_source_tied_exported(family: str, tmp_path: Path):
 
 def test_export_refuses_retying_a_tied_source_and_plain_looped_output(tmp_path: Path):
     """A tied looped_moe source is only exported: tying it again or copying it to looped_moe again is refused."""
-    from modeling_looped_moe.conversion_families import ConversionError
+    from modeling_looped_moe.conversion.families import ConversionError
 
     source = save_source(family_model("olmoe"), tmp_path / "source", tokenizer=False)
     convert(source, tmp_path / "tied", calibration_tokens=0, tie_group_size=2)

@@ -28,8 +28,8 @@ from test_conversion_common import (  # noqa: F401  (one_torch_thread is an auto
 )
 
 from modeling_looped_moe import LoopedMoeForCausalLM
-from modeling_looped_moe.conversion_families import ConversionError
-from modeling_looped_moe.conversion_tying import bank_groups
+from modeling_looped_moe.conversion.families import ConversionError
+from modeling_looped_moe.conversion.tying import bank_groups
 
 # Four MoE layers between one untied first and one untied last layer: two groups of two at G = 2.
 TYING = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)

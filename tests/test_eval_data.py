@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_repo_module
+from conftest import REPO
 
-from modeling_looped_moe.eval_data import (
+from modeling_looped_moe.training.data import ModelDataArguments, load_documents
+
+from modeling_looped_moe.eval.data import (
     cloze_items,
     default_held_out_text,
     load_text,
@@ -18,8 +20,10 @@ from modeling_looped_moe.eval_data import (
 
 
 def load_local_tasks():
-    """Import `eval/tasks/local_tasks.py` by path, as lm-eval does."""
-    return load_repo_module("eval/tasks/local_tasks.py")
+    """The module the local task YAML files name (`modeling_looped_moe.eval.tasks.local_tasks`)."""
+    from modeling_looped_moe.eval.tasks import local_tasks
+
+    return local_tasks
 
 
 def write_pairs(folder: Path) -> None:
@@ -85,6 +89,24 @@ def test_default_text_is_python_docs_held_out(tmp_path):
     assert load_text(None) == held_out and load_text("") == held_out
     (tmp_path / "a.txt").write_text("alpha")
     assert load_text(tmp_path / "a.txt") == "alpha"
+
+
+def windows(text: str, count: int = 47, width: int = 200) -> list[str]:
+    """`count` evenly spaced `width`-character windows of `text`."""
+    step = (len(text) - width) // (count - 1)
+    return [text[i * step : i * step + width] for i in range(count)]
+
+
+def test_default_training_text_does_not_overlap_the_default_evaluation_text():
+    """What `looped-moe-train` (and the demo) trains on by default never contains the local tasks' default text."""
+    train, held_out = load_documents(ModelDataArguments())
+    train_text = "\n\n".join(train)
+    assert "\n\n".join(held_out) == default_held_out_text()
+    assert len(train_text) > 8 * len(default_held_out_text())
+    leaked = [window for window in windows(default_held_out_text()) if window in train_text]
+    assert not leaked, f"{len(leaked)} of 47 windows of the evaluation text are in the training text"
+    # The control: windows of the training text itself are found, so the check can fail.
+    assert all(window in train_text for window in windows(train_text))
 
 
 def test_lm_eval_dataset_functions(tmp_path, monkeypatch):

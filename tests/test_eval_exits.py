@@ -10,7 +10,7 @@ from conftest import small_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from modeling_looped_moe import LoopedMoeForCausalLM
-from modeling_looped_moe.eval_exits import (
+from modeling_looped_moe.eval.exits import (
     ExitRecorder,
     boundary_scoring_flops,
     is_looped_moe,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_repo_module
+from conftest import REPO
 from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from modeling_looped_moe import LoopedMoeForCausalLM, load_preset
-from modeling_looped_moe.data_looped_moe import python_docs_corpus, train_bpe_tokenizer
+from modeling_looped_moe.data import python_docs_corpus, train_bpe_tokenizer
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PAIRS = {
@@ -29,11 +29,6 @@ PAIRS = {
 }
 TEXT = ("The interpreter reads a line, evaluates it and prints the result. A function returns a value; "
         "a class defines new objects with their own attributes.")
-
-
-def load_script(name: str):
-    """Import a command from `eval/` by path (the folder is not a package)."""
-    return load_repo_module(f"eval/{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +115,7 @@ def test_lm_eval_cli_with_remote_code_and_each_local_task(workspace, tmp_path):
 
 
 def test_wrapper_passes_config_fields(workspace, tmp_path, monkeypatch):
-    """`eval/lm_eval_looped.py` (package imported, tasks found without --include_path): `num_loops=3` reaches the
+    """`looped-moe-eval` (package imported, tasks found without --include_path): `num_loops=3` reaches the
     model, and the tag runs every local task."""
     import lm_eval.tasks
 
@@ -128,7 +123,8 @@ def test_wrapper_passes_config_fields(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    wrapper = load_script("lm_eval_looped")
+    from modeling_looped_moe.eval import harness as wrapper
+
     assert {"local_blimp", "local_perplexity", "local_cloze", "looped_moe_local"} <= wrapper.local_task_names()
     wrapper.main(["--model", "hf", "--model_args", f"pretrained={workspace / 'looped'},num_loops=3",
                   "--tasks", "looped_moe_local", "--metadata", f"blimp_path={workspace / 'pairs'}",
@@ -146,7 +142,8 @@ def test_wrapper_passes_config_fields(workspace, tmp_path, monkeypatch):
 
 def test_exit_sweep_looped_and_qwen3_moe(workspace, tmp_path):
     """One point per loop (plus a threshold) for the looped model, one per layer for Qwen3-MoE; JSON and PNG."""
-    sweep_command = load_script("exit_sweep")
+    from modeling_looped_moe.eval import sweep as sweep_command
+
     prefix = tmp_path / "sweep" / "tiny"
     sweep = sweep_command.main([
         "--model", str(workspace / "looped"), "--model", str(workspace / "qwen3moe"),

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "scripts" / "train.py"
 
 
 def _free_port() -> int:
@@ -35,8 +34,7 @@ def _free_port() -> int:
 
 
 def _run(command: list[str], log: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, check=False, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=600)
     log.write_text(result.stdout)
@@ -55,12 +53,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               "--torch_num_threads", "1", "--disable_tqdm", "true", "--eval_fraction", "0",
               "--tokenizer_vocab_size", "512", "--use_cpu", "true"]
     one, two = root / "one", root / "two"
-    _run([sys.executable, str(TRAIN), *common, "--per_device_train_batch_size", "4", "--output_dir", str(one)],
+    _run([sys.executable, "-m", "modeling_looped_moe.training", *common, "--per_device_train_batch_size", "4", "--output_dir", str(one)],
          root / "one.log")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
-    _run([*launch, str(TRAIN), *common, "--per_device_train_batch_size", "2", "--output_dir", str(two)],
+    _run([*launch, "-m", "modeling_looped_moe.training", *common, "--per_device_train_batch_size", "2", "--output_dir", str(two)],
          root / "two.log")
     return {"one": one, "two": two, "two_log": root / "two.log"}
 

@@ -1,4 +1,4 @@
-"""Helpers of the reproduction scripts (`scripts/reproduce_small.py`, `scripts/posthoc_tying.py`) that decide what
+"""Helpers of the reproduction scripts (`experiments/reproduce_small.py`, `experiments/posthoc_tying.py`) that decide what
 is measured: the out-of-domain text extraction and the expert-free control model. The scripts' full runs need the
 KJV, the BLiMP data and minutes of training, so they are not part of the default suite."""
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_repo_module
 
 from test_conversion_native import native_model, save_native
 
 
 def test_devils_dictionary_text_drops_the_dictd_header_and_alphabet(tmp_path: Path):
     """Only the book's text, from its preface to its last entry, is kept."""
-    reproduce_small = load_repo_module("scripts/reproduce_small.py")
+    from experiments import common as reproduce_small
+
     dictd = ("00-database-short\n     The Devil's Dictionary (1881-1906)\n00-database-url\n     http://example\n"
              "                              PREFACE\n\nThe Devil's Dictionary was begun in a weekly paper.\n\n"
              "ZOOLOGY, n.  The science and history of the animal kingdom.\n\n abcdefghijklmnopqrstuvwxyz\n\n")
@@ -32,7 +32,8 @@ def test_devils_dictionary_text_drops_the_dictd_header_and_alphabet(tmp_path: Pa
 
 def test_expert_free_control_zeroes_exactly_the_named_layers(tmp_path: Path):
     """`remove_experts` zeroes the banks of the named layers only, so those MoE blocks output nothing."""
-    posthoc_tying = load_repo_module("scripts/posthoc_tying.py")
+    from experiments import posthoc_tying
+
     model = native_model("plain")
     source = save_native(model, tmp_path / "source")
     posthoc_tying.remove_experts(source, tmp_path / "removed", [2, 3])

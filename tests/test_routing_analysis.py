@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import load_repo_module, small_config
+from conftest import small_config
 
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.moe_looped_moe import LoopedMoeTopKRouter
-from modeling_looped_moe.routing_analysis_looped_moe import (
+from modeling_looped_moe.eval.routing import (
     analyze_routing,
     expert_load,
     moe_steps,
@@ -255,7 +255,8 @@ def test_text_to_blocks():
 def test_command_writes_json_and_plots(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    command = load_repo_module("eval/routing_analysis.py")
+    from modeling_looped_moe.eval import routing_command as command
+
     out = tmp_path / "out"
     report = command.main(["--preset", "tiny", "--text", str(text), "--output-dir", str(out),
                            "--max-tokens", "256", "--block-size", "32"])

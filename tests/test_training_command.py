@@ -11,17 +11,17 @@ from conftest import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_looped_moe import LoopedMoeForCausalLM, load_preset
-from modeling_looped_moe.training_data_looped_moe import (
+from modeling_looped_moe.training.data import (
     ModelDataArguments,
     load_documents,
     parse_overrides,
 )
-from modeling_looped_moe.training_looped_moe import (
+from modeling_looped_moe.training.command import main
+from modeling_looped_moe.training.trainer import (
     BlockDataset,
     LoopedMoeTrainer,
     LoopedMoeTrainingArguments,
     bank_group_sizes,
-    main,
     optimizer_param_groups,
     sample_exit_loop,
 )
@@ -164,6 +164,21 @@ def test_wall_clock_limit_stops_training(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 1
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_time_capped_progress_bar_counts_seconds_toward_the_cap(tmp_path, capsys):
+    """With `max_train_seconds` the progress bar runs toward the time cap (in seconds), not toward `max_steps`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    model = LoopedMoeForCausalLM(small_config())
+    args = _args(tmp_path, max_steps=10_000, max_train_seconds=2.0, disable_tqdm=False, logging_steps=1000)
+    trainer = LoopedMoeTrainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(3, 96, (64, 16))))
+    assert not any(isinstance(callback, ProgressCallback) for callback in trainer.callback_handler.callbacks)
+    trainer.train()
+    assert 1 < trainer.state.global_step < 10_000  # stopped by the clock
+    bar = capsys.readouterr().err
+    assert "/2 s" in bar and f"step {trainer.state.global_step}/10000" in bar, bar[-500:]
+    assert "/10000 [" not in bar  # no bar toward the step budget
 
 
 def test_documents_from_a_local_dataset_folder_and_overrides(tmp_path):

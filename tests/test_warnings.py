@@ -10,21 +10,23 @@ in `test_remote_code_generation.py` and `test_save_load.py`.
 
 from __future__ import annotations
 
-from conftest import REPO, run_child
+import json
+
+from conftest import run_child, small_config
 
 
 SCRIPT = r'''
+import json
+
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, sys.argv[2])
-from conftest import small_config
-from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
 from modeling_looped_moe.compat_looped_moe import output_cache
 
 torch.manual_seed(0)
-model = LoopedMoeForCausalLM(small_config(loop_conditioning="iter_adaln", expert_tying_group_size=2,
-                                          num_untied_first_layers=1, num_untied_last_layers=1)).eval()
+config = LoopedMoeConfig(**json.loads(sys.argv[2]))
+model = LoopedMoeForCausalLM(config).eval()
 ids = torch.randint(3, 96, (2, 6))
 mask = torch.ones_like(ids)
 mask[1, :2] = 0
@@ -53,5 +55,8 @@ print("no deprecations")
 
 def test_no_deprecations_from_our_code(tmp_path):
     """Every main path of the package runs with our deprecation warnings as errors and no deprecation logged."""
-    done = run_child(SCRIPT, [tmp_path / "checkpoint", REPO / "tests"], tmp_path, hide_package=False)
+    config = small_config(loop_conditioning="iter_adaln", expert_tying_group_size=2, num_untied_first_layers=1,
+                          num_untied_last_layers=1)
+    fields = {key: value for key, value in config.to_diff_dict().items() if key not in ("model_type", "auto_map")}
+    done = run_child(SCRIPT, [tmp_path / "checkpoint", json.dumps(fields)], tmp_path, hide_package=False)
     assert "no deprecations" in done.stdout

@@ -6,32 +6,26 @@ lm-eval calls each `custom_dataset` function with the task's metadata merged wit
 - `blimp_path`: a folder of BLiMP-format `*.jsonl` files (or one file); default `$LOOPED_MOE_BLIMP_PATH`, else
   `../shared/data/blimp` next to the repository checkout (resolved from this file, not the working directory).
 - `text_path`: a text file or a folder of `*.txt` for `local_perplexity`; default: the held-out 10% of Python's
-  documentation (always present, and not trained on by `eval/train_small.py`).
+  documentation (always present, and not trained on by `looped-moe-train quick`).
 - `text_chunk_chars` (4000): document size for perplexity (each is scored with rolling windows of the model's length);
   `text_max_docs` (all): keep the first documents only.
 - `cloze_path`: text for `local_cloze`; defaults to `text_path`, then to the Python documentation's held-out part.
 - `cloze_choices` (4), `cloze_context_words` (24), `cloze_stride_words` (40), `cloze_max_items` (1000),
-  `cloze_seed` (1234): see `modeling_looped_moe.eval_data.cloze_items`.
+  `cloze_seed` (1234): see `modeling_looped_moe.eval.data.cloze_items`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import datasets
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-try:
-    import modeling_looped_moe  # noqa: F401
-except ImportError:  # a checkout that is not installed: the repository root is two folders up
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from modeling_looped_moe.eval.data import cloze_items, load_text, read_minimal_pairs, text_chunks
 
-from modeling_looped_moe.eval_data import cloze_items, load_text, read_minimal_pairs, text_chunks  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # in a clone; the default BLiMP folder only exists beside a clone
 DEFAULT_BLIMP_PATH = REPO_ROOT.parent / "shared" / "data" / "blimp"
 
 

@@ -12,7 +12,7 @@ import random
 import re
 from pathlib import Path
 
-from .data_looped_moe import python_docs_corpus, read_texts, split_held_out
+from modeling_looped_moe.data import python_docs_documents, read_texts, split_documents
 
 MINIMAL_PAIR_FIELDS = ("sentence_good", "sentence_bad")
 _CLOZE_WORD = re.compile(r"^([A-Za-z]{3,})[.,;:!?]?$")
@@ -59,8 +59,9 @@ def read_minimal_pairs(path: str | Path) -> list[dict]:
 
 
 def default_held_out_text() -> str:
-    """The held-out 10% of Python's documentation (the part `eval/train_small.py` does not train on)."""
-    return split_held_out(python_docs_corpus(), 0.1)[1]
+    """The held-out part of Python's documentation: what training on the default corpus holds out
+    ([`modeling_looped_moe.data.split_documents`] at its default fraction)."""
+    return "\n\n".join(split_documents(python_docs_documents())[1])
 
 
 def load_text(path: str | Path | None) -> str:

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Import a pretrained MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) as looped_moe, tie its experts, or
 export a tied model back to the source family's format. An untied looped_moe folder (natively trained, or imported
 here) can be tied as well.
 
-    python conversion/convert_moe_checkpoint.py --source SRC_DIR --output OUT_DIR [--tie-group-size G]
+    looped-moe-convert --source SRC_DIR --output OUT_DIR [--tie-group-size G]
         [--num-untied-first-layers A] [--num-untied-last-layers B] [--tie-method select|average|aligned]
         [--calibration-text FILE] [--dtype auto|float32|float16|bfloat16] [--dry-run] [--overwrite]
         [--to-source-format] [--max-shard-size 2GB] [--calibration-tokens 64] [--threads 1] [--no-progress]
@@ -15,24 +14,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-
-try:
-    import modeling_looped_moe  # noqa: F401
-except ImportError:  # running from a clone without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_looped_moe.conversion_families import DTYPES, SUPPORTED_MODEL_TYPES, ConversionError  # noqa: E402
-from modeling_looped_moe.conversion_pipeline import ConversionOptions, convert_checkpoint  # noqa: E402
-from modeling_looped_moe.conversion_tying import TIE_METHODS  # noqa: E402
+from .families import DTYPES, SUPPORTED_MODEL_TYPES, ConversionError
+from .pipeline import ConversionOptions, convert_checkpoint
+from .tying import TIE_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(
+        prog="looped-moe-convert",
         description=f"Convert a MoE checkpoint ({', '.join(SUPPORTED_MODEL_TYPES)}, or an untied looped_moe one) "
                     "into a looped_moe checkpoint with optional expert tying, or back to the source format.")
     parser.add_argument("--source", required=True, help="source checkpoint folder (config.json + safetensors)")
@@ -91,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_looped_moe import LoopedMoeConfig
-from .conversion_families import (
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.conversion.families import (
     DTYPES,
     ConversionError,
     build_looped_config,
@@ -30,16 +30,16 @@ from .conversion_families import (
     router_keys,
     source_layer_key,
 )
-from .conversion_report import (
+from modeling_looped_moe.conversion.report import (
     Calibrator,
     accounting_rows,
     calibration_input_ids,
     format_table,
     human_count,
 )
-from .conversion_source import CONVERSION_INFO_NAME, SourceCheckpoint
-from .conversion_tying import TIE_METHODS, TiedBank, bank_groups, tie_group
-from .conversion_writer import (
+from modeling_looped_moe.conversion.source import CONVERSION_INFO_NAME, SourceCheckpoint
+from modeling_looped_moe.conversion.tying import TIE_METHODS, TiedBank, bank_groups, tie_group
+from modeling_looped_moe.conversion.writer import (
     PlannedTensor,
     StreamingShardWriter,
     atomic_output_folder,
@@ -316,7 +316,7 @@ def _write_looped_metadata(folder: Path, plan: _Plan) -> None:
     `trust_remote_code=True`."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    from .modeling_looped_moe import LoopedMoeForCausalLM
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
 
     config = copy.deepcopy(plan.config)
     config.architectures = ["LoopedMoeForCausalLM"]

@@ -7,11 +7,33 @@ from pathlib import Path
 import torch
 
 
-def python_docs_corpus() -> str:
-    """Python's own reference prose (`pydoc_data.topics`, about 0.5 MB), present on every CPython install."""
+# The held-out share of a text, at its end: one definition for training (`looped-moe-train`, the demo) and for the
+# local evaluation tasks' default text, so a model trained on the default corpus never saw the default eval text.
+HELD_OUT_FRACTION = 0.1
+
+
+def python_docs_documents() -> list[str]:
+    """Python's own reference prose (`pydoc_data.topics`, about 0.5 MB, on every CPython install), one document per
+    topic in name order.
+
+    Several topics repeat whole sections of others (`while` is also part of `compound`), so each paragraph is kept
+    at its first occurrence only: otherwise a held-out topic would be partly in the training text.
+    """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[name] for name in sorted(topics))
+    seen: set[str] = set()
+    documents = []
+    for name in sorted(topics):
+        paragraphs = [p for p in topics[name].split("\n\n") if p.strip() and p not in seen]
+        seen.update(paragraphs)
+        if paragraphs:
+            documents.append("\n\n".join(paragraphs))
+    return documents
+
+
+def python_docs_corpus() -> str:
+    """[`python_docs_documents`] joined into one text."""
+    return "\n\n".join(python_docs_documents())
 
 
 def read_text_files(paths: list[str | Path]) -> list[str]:
@@ -37,6 +59,29 @@ def split_held_out(text: str, held_out_fraction: float = 0.1) -> tuple[str, str]
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - held_out_fraction)))
     cut = cut if cut > 0 else int(len(text) * (1 - held_out_fraction))
     return text[:cut], text[cut:]
+
+
+def split_documents(
+    documents: list[str], held_out_fraction: float = HELD_OUT_FRACTION
+) -> tuple[list[str], list[str]]:
+    """Split documents into (train, held-out): the held-out part is the last `held_out_fraction` of the characters,
+    whole documents when there are at least 20, else a paragraph-boundary cut of the joined text
+    ([`split_held_out`]).
+
+    Raises:
+        ValueError: If `held_out_fraction` is not in (0, 1).
+    """
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    if len(documents) < 20:
+        train_text, held_out = split_held_out("\n\n".join(documents), held_out_fraction)
+        return [train_text], [held_out]
+    total = sum(map(len, documents))
+    cut, seen = len(documents), 0
+    while cut > 1 and seen < held_out_fraction * total:
+        cut -= 1
+        seen += len(documents[cut])
+    return documents[:cut], documents[cut:]
 
 
 def train_bpe_tokenizer(text: str, vocab_size: int = 2048):

@@ -11,8 +11,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_looped_moe import LoopedMoeConfig
-from .modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
 
 
 def build_small_looped_moe(vocab_size: int, num_loops: int, hidden_size: int = 128) -> LoopedMoeForCausalLM:

@@ -1,7 +1,7 @@
 """Early-exit curves of the small reproduction: loop-boundary exits of the looped models against layer exits of the
 non-looped ones (the Looped-MoE paper's early-exit comparison, at small scale).
 
-    HF_HUB_OFFLINE=1 python scripts/early_exit_curves.py            # defaults below
+    HF_HUB_OFFLINE=1 python -m experiments.early_exit_curves            # defaults below
 
 For each model in `--models-dir` (default `outputs/reproduce_small/{base,looped_dense,moe,looped_moe,
 looped_moe_iter_adaln}`), held-out perplexity on `held_out.txt` (saved tokenizer, blocks of `--block-size` 128
@@ -14,7 +14,7 @@ tokens, the first `--max-blocks` 50 blocks; every position of a block but the la
 
 Compute is counted in depth steps: saved fraction = 1 - (depth steps used per token) / (all depth steps), for the
 adaptive exits averaged over the scored positions (`exit_loops`). This ignores the LM head, which adaptive exits
-pay once per scored boundary; `relative_flops` in the JSON uses `modeling_looped_moe.eval_exits`' accounting, head
+pay once per scored boundary; `relative_flops` in the JSON uses `modeling_looped_moe.eval.exits`' accounting, head
 included (context length = block size). Perplexity at `--savings` is interpolated linearly between measured points
 on the model's Pareto front (points with no other point saving at least as much at lower perplexity); a target
 beyond the largest measured saving is left empty.
@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,11 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from modeling_looped_moe import LoopedMoeForCausalLM
-from modeling_looped_moe.data_looped_moe import token_blocks
-from modeling_looped_moe.eval_exits import looped_relative_flops
+from modeling_looped_moe.data import token_blocks
+from modeling_looped_moe.eval.exits import looped_relative_flops
 
 MODELS = {
     "base": "Base",

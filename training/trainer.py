@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
-from .configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 _BANK_PARAMETER = re.compile(r"(?:^|\.)expert_banks\.(\d+)\.")
 
@@ -160,19 +162,41 @@ class LoopedMoeTrainingArguments(TrainingArguments):
 
 
 class _WallClockLimit(TrainerCallback):
-    """Trainer callback stopping training after `seconds` of wall time."""
+    """Trainer callback stopping training after `seconds` of wall time.
+
+    It also draws the training progress bar (replacing the Trainer's step bar, which would count toward a step
+    budget a time-capped run does not reach): seconds toward the cap, with the steps done so far, on the main process
+    unless `disable_tqdm`. Logs are written above the bar, as the Trainer's bar does.
+    """
 
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.start: float | None = None
+        self.bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+        if state.is_world_process_zero and not args.disable_tqdm:
+            self.bar = tqdm(total=round(self.seconds), desc="training", unit="s",
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.perf_counter() - self.start > self.seconds:
+        elapsed = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.update(min(elapsed, self.seconds) - self.bar.n)
+            self.bar.set_postfix_str(f"step {state.global_step}/{state.max_steps}", refresh=False)
+        if elapsed > self.seconds:
             control.should_training_stop = True
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            self.bar.write(str({key: value for key, value in logs.items() if key != "total_flos"}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class LoopedMoeTrainer(Trainer):
@@ -188,6 +212,7 @@ class LoopedMoeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         limit = getattr(self.args, "max_train_seconds", None)
         if limit is not None:
+            self.remove_callback(ProgressCallback)  # the time cap's own bar replaces the step bar
             self.add_callback(_WallClockLimit(limit))
         self._reset_log_window()
 
@@ -354,7 +379,7 @@ def run_training(data_args, training_args: TrainingArguments) -> TrainResult:
         data_args: A [`training_data_looped_moe.ModelDataArguments`].
         training_args: [`LoopedMoeTrainingArguments`] (or plain `TrainingArguments`).
     """
-    from .training_data_looped_moe import build_model, load_documents, prepare_tokenizer, tokenize_blocks
+    from modeling_looped_moe.training.data import build_model, load_documents, prepare_tokenizer, tokenize_blocks
 
     output_dir = Path(training_args.output_dir)
     if getattr(training_args, "torch_num_threads", None):
@@ -386,33 +411,12 @@ def run_training(data_args, training_args: TrainingArguments) -> TrainResult:
                        eval_blocks, output_dir, train_seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The train command: `python scripts/train.py --preset tiny --text_files FILE --output_dir DIR` (see `--help`)."""
-    from transformers import HfArgumentParser
-
-    from .training_data_looped_moe import ModelDataArguments
-
-    parser = HfArgumentParser((ModelDataArguments, LoopedMoeTrainingArguments))
-    data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    result = run_training(data_args, training_args)
-    metrics = result.trainer.evaluate() if len(result.eval_blocks) else {}  # every process takes part
-    if training_args.process_index == 0:
-        if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        print(f"trained {result.trainer.state.global_step} steps in {result.train_seconds:.1f}s; "
-              f"saved model and tokenizer to {result.output_dir}"
-              + (f"; held-out loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f})"
-                 if "eval_loss" in metrics else ""))
-    return 0
-
-
 __all__ = [
     "BlockDataset",
     "LoopedMoeTrainer",
     "LoopedMoeTrainingArguments",
     "TrainResult",
     "bank_group_sizes",
-    "main",
     "optimizer_param_groups",
     "run_training",
     "sample_exit_loop",

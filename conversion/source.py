@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .configuration_looped_moe import LoopedMoeConfig
-from .conversion_families import (
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.conversion.families import (
     ConversionError,
     build_looped_config,
     canonical_shapes,

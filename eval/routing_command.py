@@ -1,12 +1,10 @@
 """Routing analysis of a looped MoE model on a text: top-k agreement across loops, expert load, convergence.
 
-Writes `routing.json` (see `modeling_looped_moe.routing_analysis_looped_moe.summarize_routing` for its fields) and
+Writes `routing.json` (see `modeling_looped_moe.eval.routing.summarize_routing` for its fields) and
 PNG plots (`loop_agreement.png`, `expert_load.png`, `loop_convergence.png`) into `--output-dir`.
 
-Usage (from the repository root):
-
-    python eval/routing_analysis.py --model DIR [--text FILE] --output-dir OUT
-    python eval/routing_analysis.py --preset tiny --output-dir OUT      # randomly initialised, for a smoke run
+    looped-moe-eval routing --model DIR [--text FILE] --output-dir OUT
+    looped-moe-eval routing --preset tiny --output-dir OUT      # randomly initialised, for a smoke run
 
 The text defaults to Python's own documentation prose (`pydoc_data.topics`). The tokenizer is the model folder's
 (or `--tokenizer DIR`); without one, a byte-level BPE is trained on the text when the vocabulary has room for it,
@@ -22,15 +20,9 @@ from pathlib import Path
 
 import torch
 
-try:
-    import modeling_looped_moe
-except ModuleNotFoundError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import modeling_looped_moe  # noqa: F401
-
 from modeling_looped_moe import LoopedMoeForCausalLM, load_preset
-from modeling_looped_moe.data_looped_moe import python_docs_corpus, read_texts, train_bpe_tokenizer
-from modeling_looped_moe.routing_analysis_looped_moe import analyze_routing, plot_routing_report, text_to_blocks
+from modeling_looped_moe.data import python_docs_corpus, read_texts, train_bpe_tokenizer
+from modeling_looped_moe.eval.routing import analyze_routing, plot_routing_report, text_to_blocks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BPE_MIN_VOCAB = 259  # 256 byte symbols + <pad>, <s>, </s>
@@ -38,7 +30,7 @@ BPE_MIN_VOCAB = 259  # 256 byte symbols + <pad>, <s>, </s>
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="looped-moe-eval routing", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="folder of a saved LoopedMoeForCausalLM")
     source.add_argument("--preset", help="preset name or config path (random weights, seeded by --seed)")
@@ -105,7 +97,3 @@ def main(argv: list[str] | None = None) -> dict:
               f"(std {entry['jsd_to_final_std']:.4f})")
     print(f"wrote {output_dir / 'routing.json'}" + "".join(f", {p.name}" for p in plots))
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,12 @@
 """`lm_eval` with looped-moe registered and the local tasks of `eval/tasks/` available: the same CLI, same flags.
 
-    python eval/lm_eval_looped.py --model hf --model_args pretrained=DIR,num_loops=3,exit_loop=2 \
+    looped-moe-eval --model hf --model_args pretrained=DIR,num_loops=3,exit_loop=2 \
         --tasks local_blimp,local_perplexity,local_cloze --metadata blimp_path=../shared/data/blimp --device cpu
 
 Differences from plain `lm_eval`:
 - `modeling_looped_moe` is imported first, so saved looped-moe folders load through the Auto classes without
   `trust_remote_code` (plain `lm_eval` needs `--model_args ...,trust_remote_code=True`).
-- `eval/tasks/` is always on the task search path (in addition to any `--include_path`).
+- the project's tasks (`modeling_looped_moe.eval.tasks`, `eval/tasks/` in a clone) are always on the task search path (in addition to any `--include_path`).
 - When every requested task is one of the local tasks (or their tag `looped_moe_local`), lm-eval's thousands of
   built-in task configs are not indexed (saves several seconds per run); any other task name indexes them as usual.
 
@@ -22,16 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-
-def ensure_package_importable() -> None:
-    """Import `modeling_looped_moe` (registering the Auto classes), adding the repository root only if needed."""
-    try:
-        import modeling_looped_moe  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import modeling_looped_moe  # noqa: F401
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # installed with the package (YAML as package data)
 
 
 def local_task_names(tasks_dir: Path = TASKS_DIR) -> set[str]:
@@ -75,14 +66,11 @@ def install_task_manager(only_local: bool, tasks_dir: Path = TASKS_DIR) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's command line on `argv` (default: `sys.argv[1:]`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ensure_package_importable()
+    import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
+
     tasks = requested_tasks(argv)
     install_task_manager(only_local=bool(tasks) and set(tasks) <= local_task_names())
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

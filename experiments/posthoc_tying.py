@@ -1,9 +1,9 @@
 """Post-hoc expert tying of the trained reproduction MoE (Tying the Loop), with and without a short healing fine-tune.
 
-    python scripts/posthoc_tying.py [--source-dir outputs/reproduce_small] [--group-sizes 2 4]
+    python -m experiments.posthoc_tying [--source-dir outputs/reproduce_small] [--group-sizes 2 4]
         [--methods select average aligned] [--heal-steps 100] [--heal-lr 1e-3] [--jobs 2]
 
-Needs the output of `scripts/reproduce_small.py` (the trained untied `moe` model and its tokenizer). For every group
+Needs the output of `experiments/reproduce_small.py` (the trained untied `moe` model and its tokenizer). For every group
 size g and tying method, the converter (`conversion/convert_moe_checkpoint.py`, the same code as the library's
 `convert_checkpoint`) ties the MoE's experts in consecutive groups of g between 2 untied first and 2 untied last
 layers, the layout of the from-scratch `moe_tied_g2` / `moe_tied_g4` models; its report gives each MoE block's
@@ -15,7 +15,7 @@ with one recipe (tied banks at lr / sqrt(g)) on training blocks in one seeded or
 evaluated again. The untied control shows how much of a healed model's gain is plain extra training rather than
 repair; the expert-free control shows how much the tied layers' experts matter at all.
 
-The text split, tokenizer, held-out blocks and BLiMP scoring are those of `scripts/reproduce_small.py` (the script
+The text split, tokenizer, held-out blocks and BLiMP scoring are those of `experiments/reproduce_small.py` (the script
 checks that the held-out text matches the one saved there). Writes `results.json` and `results.md` into
 `--output-dir`, plus every tied and healed model.
 """
@@ -36,14 +36,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.conversion.pipeline import ConversionOptions, convert_checkpoint
+from modeling_looped_moe.conversion.tying import TIE_METHODS
+from modeling_looped_moe.conversion.writer import copy_tokenizer_files
+from modeling_looped_moe.data import split_held_out
 
-import reproduce_small as repro  # noqa: E402  (also puts the repository on sys.path)
-
-from modeling_looped_moe import LoopedMoeForCausalLM  # noqa: E402
-from modeling_looped_moe.conversion_pipeline import ConversionOptions, convert_checkpoint  # noqa: E402
-from modeling_looped_moe.conversion_tying import TIE_METHODS  # noqa: E402
-from modeling_looped_moe.conversion_writer import copy_tokenizer_files  # noqa: E402
+from . import common
 
 UNTIED_FIRST, UNTIED_LAST = 2, 2
 
@@ -58,7 +57,7 @@ def prepare_source(source_dir: Path, model_name: str, work: Path) -> Path:
     tokenizer_dir = source_dir / "tokenizer"
     for path in (model_dir / "config.json", tokenizer_dir):
         if not path.exists():
-            sys.exit(f"error: {path} is missing; run `python scripts/reproduce_small.py --models {model_name}` first")
+            sys.exit(f"error: {path} is missing; run `python experiments/reproduce_small.py --models {model_name}` first")
     target = work / "source"
     if target.exists():
         shutil.rmtree(target)
@@ -109,15 +108,15 @@ def heal_and_evaluate(job: dict) -> dict:
     stored = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     result = {"name": name, "stored_parameters": stored, "banks": model.config.num_expert_banks,
-              **{f"{key}_before": value for key, value in repro.evaluate(model, data).items()}}
+              **{f"{key}_before": value for key, value in common.evaluate(model, data).items()}}
     if args["heal_steps"] > 0:
         heal_args = dict(args, steps=args["heal_steps"], lr=args["heal_lr"], warmup_fraction=args["heal_warmup_fraction"])
         torch.manual_seed(args["seed"])
-        log, seconds = repro.train_steps(model, data["train_blocks"], data["order"], heal_args, desc=f"{name:>16}",
+        log, seconds = common.train_steps(model, data["train_blocks"], data["order"], heal_args, desc=f"{name:>16}",
                                          position=job["slot"])
         model.save_pretrained(Path(args["output_dir"]) / f"{name}_healed")
         result.update(heal_seconds=seconds, heal_log=log,
-                      **{f"{key}_after": value for key, value in repro.evaluate(model, data).items()})
+                      **{f"{key}_after": value for key, value in common.evaluate(model, data).items()})
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -148,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source-dir", default="outputs/reproduce_small",
-                        help="output folder of scripts/reproduce_small.py (the model and `tokenizer/`)")
+                        help="output folder of experiments/reproduce_small.py (the model and `tokenizer/`)")
     parser.add_argument("--model", default="moe", help="the untied model in --source-dir to tie")
     parser.add_argument("--output-dir", default="outputs/posthoc_tying")
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[2, 4])
@@ -167,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out-fraction", type=float, default=0.05)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--max-held-out-blocks", type=int, default=512)
-    parser.add_argument("--blimp-path", default=str(repro.DEFAULT_BLIMP))
+    parser.add_argument("--blimp-path", default=str(common.DEFAULT_BLIMP))
     parser.add_argument("--max-blimp-pairs", type=int, default=None)
     parser.add_argument("--ood-text", default="devil", help="out-of-domain text: `devil`, a file, or `none`")
     return parser.parse_args(argv)
@@ -177,9 +176,9 @@ def load_texts(args: argparse.Namespace, source_dir: Path) -> tuple[str, str]:
     """The reproduction's training and held-out text; exits if the held-out text differs from the saved one."""
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
-        train_text, held_text = repro.split_held_out(text, args.held_out_fraction)
+        train_text, held_text = split_held_out(text, args.held_out_fraction)
     else:
-        train_text, held_text, _ = repro.split_chapters(repro.kjv_text(), args.held_out_fraction)
+        train_text, held_text, _ = common.split_chapters(common.kjv_text(), args.held_out_fraction)
     saved = source_dir / "held_out.txt"
     if saved.is_file() and saved.read_text(encoding="utf-8") != held_text:
         sys.exit(f"error: the held-out text differs from {saved}; pass the reproduction's --text/--held-out-fraction")
@@ -208,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     remove_experts(source, out / "removed", tied_layers)
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    ood_source, other_text = repro.ood_text(args.ood_text)
-    data = repro.encode_data(tokenizer, train_text, held_text, args, other_text)
+    ood_source, other_text = common.ood_text(args.ood_text)
+    data = common.encode_data(tokenizer, train_text, held_text, args, other_text)
     needed = args.heal_steps * args.batch_size
-    data["order"] = repro.block_order(len(data["train_blocks"]), max(needed, 1), args.seed)
+    data["order"] = common.block_order(len(data["train_blocks"]), max(needed, 1), args.seed)
     data_path = out / "data.pt"
     torch.save(data, data_path)
 
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
     }
     table = markdown_table(ordered, heal=args.heal_steps > 0) + f"\n\nSetup: {json.dumps(setup)}"
-    repro.write_results(out, setup, ordered, table)
+    common.write_results(out, setup, ordered, table)
     return 0
 
 

@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 DEFAULT_TOLERANCE = 0.015
 """Stated bound on the relative errors of total parameters, FLOPs per token, active parameters and the

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 TIE_METHODS = ("select", "average", "aligned")
 

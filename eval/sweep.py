@@ -1,6 +1,6 @@
 """Exit sweep: evaluate models with lm-eval at every exit, then write a JSON file and a quality-vs-FLOPs plot.
 
-    python eval/exit_sweep.py --model runs/small --model path/to/qwen3-moe \
+    looped-moe-eval sweep --model runs/small --model path/to/qwen3-moe \
         --tasks local_blimp,local_perplexity --metadata blimp_path=../shared/data/blimp \
         --thresholds entropy=2.0,4.0 confidence=0.5 --output runs/sweep
 
@@ -9,7 +9,7 @@
 - Any other transformers causal LM (Qwen3-MoE, Mixtral, OLMoE, ...) is evaluated after every decoder layer
   (or `--layers`), its hidden state going through the model's final norm and LM head.
 
-Relative FLOPs follow `modeling_looped_moe.eval_exits` (the config's FLOP accounting for looped-moe models, the
+Relative FLOPs follow `modeling_looped_moe.eval.exits` (the config's FLOP accounting for looped-moe models, the
 layer fraction i/L for others). Writes `OUTPUT.json` (one point per exit and threshold, every metric) and
 `OUTPUT.png` (one panel per task: its main metric against relative FLOPs, one line per model). Tasks are looked up in
 `eval/tasks/` and, unless all are local, among lm-eval's built-in tasks (which download from the Hub). Each point
@@ -25,23 +25,12 @@ import json
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 PRIMARY_METRICS = {"local_blimp": "acc", "local_perplexity": "bits_per_byte", "local_cloze": "acc"}
-
-
-def ensure_package_importable() -> None:
-    """Import `modeling_looped_moe` (registering the Auto classes), adding the repository root only if needed."""
-    try:
-        import modeling_looped_moe  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import modeling_looped_moe  # noqa: F401
 
 
 def _literal(value: str) -> Any:
@@ -76,16 +65,6 @@ def parse_thresholds(items: list[str] | None) -> dict[str, list[float]]:
             raise ValueError(f"expected CRITERION=T1,T2 with CRITERION in {EXIT_CRITERIA}, got {item!r}")
         thresholds.setdefault(criterion, []).extend(float(v) for v in values.split(",") if v)
     return thresholds
-
-
-def task_names_in(tasks_dir: Path = TASKS_DIR) -> set[str]:
-    """Task and tag names defined by the local YAML files."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        from lm_eval_looped import local_task_names
-    finally:
-        sys.path.pop(0)
-    return local_task_names(tasks_dir)
 
 
 def split_results(results: dict) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict]:
@@ -126,7 +105,7 @@ def sweep_model(path: str, args: argparse.Namespace, task_manager, metadata: dic
     """Evaluate one model at every exit; returns its JSON record."""
     from lm_eval.models.huggingface import HFLM
 
-    from modeling_looped_moe.eval_exits import (
+    from modeling_looped_moe.eval.exits import (
         ExitRecorder,
         default_context_length,
         is_looped_moe,
@@ -243,7 +222,7 @@ def plot_sweep(sweep: dict[str, Any], png_path: str | Path,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="looped-moe-eval sweep", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", action="append", required=True,
                         help="saved model folder or Hub name; repeat to compare models on one plot")
@@ -269,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the sweep; returns what was written to the JSON file."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ensure_package_importable()
+    import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
     from lm_eval.tasks import TaskManager
+
+    from .harness import TASKS_DIR, local_task_names
 
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -278,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.limit = int(args.limit)
     metadata = parse_key_values(args.metadata)
     thresholds = parse_thresholds(args.thresholds)
-    only_local = set(args.tasks) <= task_names_in()
+    only_local = set(args.tasks) <= local_task_names()
     task_manager = TaskManager(include_path=[str(TASKS_DIR)], include_defaults=not only_local, metadata=metadata)
 
     sweep: dict[str, Any] = {
@@ -322,7 +303,3 @@ def summary_table(sweep: dict[str, Any], metric_overrides: dict[str, str] | None
             cells += [f"{p['metrics'].get(t, {}).get(m, float('nan')):.4f}" for t, m in columns]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .conversion_families import ConversionError
+from modeling_looped_moe.conversion.families import ConversionError
 
 SAFETENSORS_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -24,7 +24,7 @@ from transformers import PreTrainedConfig
 
 import torch
 
-from .configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 
 class ConversionError(Exception):
@@ -221,7 +221,7 @@ def canonical_shapes(config: LoopedMoeConfig) -> dict[str, tuple[int, ...]]:
     Returns:
         Full state-dict names to shapes (`lm_head.weight` omitted when word embeddings are tied).
     """
-    from .modeling_looped_moe import LoopedMoeForCausalLM
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
 
     with torch.device("meta"):
         model = LoopedMoeForCausalLM(config)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 JSD_DEFINITION = "mean over tokens of JSD(p_loop, p_final) / ln 2 (JSD in nats; i.e. base-2 JSD, in [0, 1])"
 LOAD_DEFINITION = "fraction of the tokens x top-k routing assignments that go to each expert (sums to 1)"

@@ -1,15 +1,13 @@
-"""Capacity balancing (LoopMoE): derive the looped MoE that matches a non-looped reference, and compare them.
+"""Configuration commands: capacity balancing against a reference, and the presets table.
 
-The looped config keeps the reference's hidden size, attention, vocabulary and depth; its routed expert count and
+    python -m modeling_looped_moe.configuration balance --reference moe-16 --layout 8x2 [--layout 4x4 ...] [--top-k 2 4 8]
+    python -m modeling_looped_moe.configuration balance --reference moe-16 --layout 1+7x2+1 --save-dir balanced/
+    python -m modeling_looped_moe.configuration table [--context-length 2048]
+
+`balance` (LoopMoE's capacity balancing) derives the looped MoE that matches a non-looped reference and prints
+both side by side. The looped config keeps the reference's hidden size, attention, vocabulary and depth; its routed expert count and
 width are searched so that total parameters, forward FLOPs per token, active parameters and the active
-attention-to-FFN ratio match the reference (see `modeling_looped_moe.balancing_looped_moe`).
-
-Usage (from the repository root):
-
-    python scripts/capacity_balance.py --reference moe-16 --layout 8x2 [--layout 4x4 ...] [--top-k 2 4 8]
-    python scripts/capacity_balance.py --reference moe-16 --layout 1+7x2+1 --save-dir balanced/
-
-`--layout` is `LxN` (fully looped) or `P+LxN+C` (prelude, loop block x loops, coda).
+attention-to-FFN ratio match the reference (see `modeling_looped_moe.configuration.balancing`). `--layout` is `LxN` (fully looped) or `P+LxN+C` (prelude, loop block x loops, coda).
 """
 
 from __future__ import annotations
@@ -19,25 +17,20 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import modeling_looped_moe
-except ModuleNotFoundError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import modeling_looped_moe  # noqa: F401
-
-from modeling_looped_moe import load_preset
-from modeling_looped_moe.balancing_looped_moe import (
+from .balancing import (
     DEFAULT_TOLERANCE,
     MATCHED_QUANTITIES,
     LoopLayout,
     balance_looped_config,
     format_balance_table,
 )
+from .presets import load_preset, presets_table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_balance_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments of `balance`."""
+    parser = argparse.ArgumentParser(prog="python -m modeling_looped_moe.configuration balance",
+                                     description="Capacity balancing of a looped MoE against a reference.")
     parser.add_argument("--reference", default="moe-16", help="preset name or config path (default: moe-16)")
     parser.add_argument("--layout", action="append", default=None,
                         help="loop layout 'LxN' or 'P+LxN+C' (repeatable; default 8x2)")
@@ -56,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print one side-by-side table per layout; returns the exit status."""
-    args = parse_args(argv)
+def balance_main(argv: list[str] | None = None) -> int:
+    """`balance`: print one side-by-side table per layout; returns the exit status."""
+    args = parse_balance_args(argv)
     reference = load_preset(args.reference)
     overrides = {"per_loop_router": True} if args.per_loop_router else {}
     if args.loop_conditioning:
@@ -88,5 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def table_main(argv: list[str] | None = None) -> int:
+    """`table`: print the presets table."""
+    parser = argparse.ArgumentParser(prog="python -m modeling_looped_moe.configuration table",
+                                     description="Print a Markdown table summarising the named presets.")
+    parser.add_argument("--context-length", type=int, default=2048, help="keys per query for the FLOP count")
+    args = parser.parse_args(argv)
+    sys.stdout.write(presets_table(args.context_length))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `balance` or `table`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"balance": balance_main, "table": table_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m modeling_looped_moe.configuration {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return commands[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from .data_looped_moe import read_text_files, split_held_out, train_bpe_tokenizer
+from modeling_looped_moe.data import (
+    HELD_OUT_FRACTION,
+    python_docs_documents,
+    read_text_files,
+    split_documents,
+    train_bpe_tokenizer,
+)
 
 _CHUNK_CHARS = 20_000
 
@@ -60,7 +66,8 @@ class ModelDataArguments:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Saved tokenizer (else BPE)."})
     tokenizer_vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary of the trained BPE."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
-    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction of the text (0: none)."})
+    eval_fraction: float = field(default=HELD_OUT_FRACTION,
+                                 metadata={"help": "Held-out fraction of the text, at its end (0: none)."})
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -113,8 +120,8 @@ def _read_dataset(args: ModelDataArguments) -> list[str]:
 def load_documents(args: ModelDataArguments) -> tuple[list[str], list[str]]:
     """The training and held-out documents.
 
-    The held-out part is the last `eval_fraction` of the characters: whole documents when there are many, else a
-    paragraph-boundary cut of the joined text.
+    The held-out part is the last `eval_fraction` of the characters ([`modeling_looped_moe.data.split_documents`],
+    the split the local evaluation tasks' default text uses too).
 
     Args:
         args: Data arguments; text files win over a dataset, which wins over the default corpus.
@@ -124,9 +131,7 @@ def load_documents(args: ModelDataArguments) -> tuple[list[str], list[str]]:
     elif args.dataset_name:
         documents = _read_dataset(args)
     else:
-        from pydoc_data.topics import topics
-
-        documents = [topics[name] for name in sorted(topics)]
+        documents = python_docs_documents()
     if args.max_chars is not None:
         kept, total = [], 0
         for document in documents:
@@ -141,15 +146,7 @@ def load_documents(args: ModelDataArguments) -> tuple[list[str], list[str]]:
         return documents, []
     if not 0 < args.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {args.eval_fraction}")
-    if len(documents) < 20:
-        train_text, held_out = split_held_out("\n\n".join(documents), args.eval_fraction)
-        return [train_text], [held_out]
-    total = sum(map(len, documents))
-    cut, seen = len(documents), 0
-    while cut > 1 and seen < args.eval_fraction * total:
-        cut -= 1
-        seen += len(documents[cut])
-    return documents[:cut], documents[cut:]
+    return split_documents(documents, args.eval_fraction)
 
 
 def prepare_tokenizer(args: ModelDataArguments, documents: tuple[list[str], list[str]], output_dir: Path,
@@ -179,7 +176,7 @@ def prepare_tokenizer(args: ModelDataArguments, documents: tuple[list[str], list
         raise ValueError(f"{args.model_name_or_path} holds no tokenizer: pass --tokenizer_name_or_path")
     vocab_size = args.tokenizer_vocab_size
     if vocab_size is None:
-        from .presets import load_preset
+        from modeling_looped_moe.configuration.presets import load_preset
 
         vocab_size = load_preset(args.preset).vocab_size
     tokenizer = train_bpe_tokenizer("\n\n".join(documents[0]), vocab_size=vocab_size)
@@ -241,8 +238,8 @@ def build_model(args: ModelDataArguments, tokenizer):
     """
     from transformers import AutoModelForCausalLM
 
-    from .modeling_looped_moe import LoopedMoeForCausalLM
-    from .presets import load_preset
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
+    from modeling_looped_moe.configuration.presets import load_preset
 
     overrides = config_overrides(args)
     if args.model_name_or_path:

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from .configuration_looped_moe import LoopedMoeConfig
-from .conversion_families import ConversionError
-from .conversion_writer import PlannedTensor
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.conversion.families import ConversionError
+from modeling_looped_moe.conversion.writer import PlannedTensor
 
 
 if TYPE_CHECKING:
-    from .conversion_source import SourceCheckpoint
+    from modeling_looped_moe.conversion.source import SourceCheckpoint
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _BANK = re.compile(r"^model\.expert_banks\.(\d+)\.")
@@ -94,7 +94,7 @@ class Calibrator:
     """
 
     def __init__(self, config: LoopedMoeConfig, input_ids: torch.Tensor):
-        from .modeling_looped_moe import LoopedMoeRotaryEmbedding
+        from modeling_looped_moe.modeling_looped_moe import LoopedMoeRotaryEmbedding
 
         self.config = copy.deepcopy(config)
         self.config._attn_implementation = "sdpa"
@@ -136,7 +136,7 @@ class Calibrator:
         Returns:
             `||y_converted - y_source|| / ||y_source||` of the MoE block output.
         """
-        from .modeling_looped_moe import LoopedMoeDecoderLayer
+        from modeling_looped_moe.modeling_looped_moe import LoopedMoeDecoderLayer
 
         with torch.device("meta"):
             module = LoopedMoeDecoderLayer(self.config, layer_idx)

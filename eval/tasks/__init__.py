@@ -1,0 +1,1 @@
+"""The project's lm-eval tasks: YAML configs beside `local_tasks.py`, the functions they name."""
