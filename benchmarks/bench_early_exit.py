@@ -15,10 +15,10 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.eval.loop_eval import adaptive_token_losses, depth_fraction, loop_token_losses
 from modeling_looped_moe.training.quick import build_small_looped_moe, train_for_seconds
 from modeling_looped_moe.data import (
     python_docs_corpus,
@@ -32,22 +32,18 @@ from modeling_looped_moe.data import (
 THRESHOLDS = {"entropy": [1.0, 2.0, 3.0], "confidence": [0.9, 0.6, 0.4], "kl": [0.02, 0.1, 0.3]}
 
 
-@torch.no_grad()
-def held_out_perplexity(model, blocks: torch.Tensor, **exit_kwargs) -> tuple[float, float]:
-    """Token perplexity and mean depth-step fraction used, evaluating every position's exit."""
-    config = model.config
-    nll, count, steps = 0.0, 0, 0.0
-    for batch in blocks.split(16):
-        out = model(batch, **exit_kwargs)
-        targets = batch[:, 1:]
-        nll += F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-        if out.exit_loops is not None:
-            loops = out.exit_loops[:, :-1].float()
-        else:
-            loops = torch.full(targets.shape, float(exit_kwargs.get("exit_loop") or config.num_loops))
-        steps += (config.num_prelude_layers + loops * config.num_loop_layers + config.num_coda_layers).sum().item()
-    return math.exp(nll / count), steps / (count * config.num_hidden_layers)
+def held_out_perplexity(model, blocks: torch.Tensor, static_nll: torch.Tensor, **exit_kwargs) -> tuple[float, float]:
+    """Token perplexity and mean depth-step fraction used by one setting, evaluating every position's exit.
+
+    Static settings (full depth, `exit_loop`) read their row of `static_nll` ([`loop_token_losses`] of `blocks`);
+    adaptive ones (`exit_criterion`) run the model's own exit.
+    """
+    if "exit_criterion" in exit_kwargs:
+        nll, loops = adaptive_token_losses(model, blocks, batch_size=16, **exit_kwargs)
+    else:
+        exit_loop = exit_kwargs.get("exit_loop") or model.config.num_loops
+        nll, loops = static_nll[exit_loop - 1], torch.tensor(exit_loop)
+    return math.exp(nll.double().mean().item()), depth_fraction(model.config, loops.double()).mean().item()
 
 
 @torch.no_grad()
@@ -58,11 +54,10 @@ def decode_speed(model, prompts: torch.Tensor, attention_mask: torch.Tensor, new
     for _ in range(repeats):
         start = time.perf_counter()
         out = model.generate(prompts, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
-                             **exit_kwargs)
+                             return_dict_in_generate=True, **exit_kwargs)
         best = min(best, time.perf_counter() - start)
-    stats = model.last_exit_stats
-    saved = stats["compute_saved"] if stats else 0.0
-    return prompts.shape[0] * (out.shape[1] - prompts.shape[1]) / best, saved
+    saved = out.get("compute_saved", 0.0)
+    return prompts.shape[0] * (out.sequences.shape[1] - prompts.shape[1]) / best, saved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     settings += [(f"{c} threshold {t}", {"exit_criterion": c, "exit_threshold": t})
                  for c, values in THRESHOLDS.items() for t in values]
     model.generate(prompts, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)  # warm-up
+    static_nll, _ = loop_token_losses(model, held_out, batch_size=16, progress=False)
     rows = []
     for name, kwargs in tqdm(settings, desc="settings"):
-        ppl, depth_used = held_out_perplexity(model, held_out, **kwargs)
+        ppl, depth_used = held_out_perplexity(model, held_out, static_nll, **kwargs)
         speed, saved = decode_speed(model, prompts, attention_mask, args.decode_tokens, args.repeats, **kwargs)
         rows.append((name, ppl, depth_used, speed, saved))
     base_ppl, base_speed = rows[0][1], rows[0][3]

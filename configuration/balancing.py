@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from modeling_looped_moe.command_line import format_count
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 DEFAULT_TOLERANCE = 0.015
@@ -402,14 +403,6 @@ def balance_looped_config(
     return result
 
 
-def _format_count(count: float) -> str:
-    if count >= 1e9:
-        return f"{count / 1e9:.3f}B"
-    if count >= 1e6:
-        return f"{count / 1e6:.2f}M"
-    return f"{count / 1e3:.1f}K"
-
-
 def balance_table_rows(result: BalanceResult) -> list[tuple[str, str, str, str]]:
     """Rows `(quantity, reference, looped, relative error)` of the side-by-side table.
 
@@ -434,10 +427,10 @@ def balance_table_rows(result: BalanceResult) -> list[tuple[str, str, str, str]]
          f"{looped.num_unique_layers} / {looped.num_hidden_layers}", ""),
         ("experts x width / top-k", shape(ref), shape(looped), ""),
         ("expert banks", str(ref.num_expert_banks), str(looped.num_expert_banks), ""),
-        ("total params", _format_count(ref.num_total_parameters()), _format_count(looped.num_total_parameters()),
+        ("total params", format_count(ref.num_total_parameters()), format_count(looped.num_total_parameters()),
          err("total_parameters")),
-        ("active params / token", _format_count(ref.num_active_parameters()),
-         _format_count(looped.num_active_parameters()), err("active_parameters")),
+        ("active params / token", format_count(ref.num_active_parameters()),
+         format_count(looped.num_active_parameters()), err("active_parameters")),
         ("attention : FFN (active)", f"{ref.attention_to_ffn_ratio():.4f}", f"{looped.attention_to_ffn_ratio():.4f}",
          err("attention_to_ffn_ratio")),
         (f"forward GFLOPs / token (context {n})", f"{ref.forward_flops_per_token(n) / 1e9:.4f}",

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from modeling_looped_moe.command_line import format_count
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 
 
@@ -62,22 +63,6 @@ TABLE_COLUMNS = (
     "attention : FFN",
     "forward GFLOPs / token",
 )
-
-
-def format_count(count: int) -> str:
-    """Render a parameter count with a K / M / B suffix.
-
-    Args:
-        count: Number of parameters.
-
-    Returns:
-        For example `"1.234B"`, `"151.52M"` or `"413.0K"`.
-    """
-    if count >= 1e9:
-        return f"{count / 1e9:.3f}B"
-    if count >= 1e6:
-        return f"{count / 1e6:.2f}M"
-    return f"{count / 1e3:.1f}K"
 
 
 def preset_row(name: str, context_length: int = 2048) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_looped_moe.command_line import format_bytes
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 from modeling_looped_moe.conversion.families import (
     DTYPES,
@@ -35,7 +36,6 @@ from modeling_looped_moe.conversion.report import (
     accounting_rows,
     calibration_input_ids,
     format_table,
-    human_count,
 )
 from modeling_looped_moe.conversion.source import CONVERSION_INFO_NAME, SourceCheckpoint
 from modeling_looped_moe.conversion.tying import TIE_METHODS, TiedBank, bank_groups, tie_group
@@ -368,8 +368,8 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
         report["layers"] = rows
         log(format_table(rows))
         total = rows[-1]
-        log(f"dry run: {len(plan.tensors)} tensors, {human_count(total['bytes_after'])}B would be written "
-            f"({human_count(total['bytes_before'])}B before); nothing was written")
+        log(f"dry run: {len(plan.tensors)} tensors, {format_bytes(total['bytes_after'])} would be written "
+            f"({format_bytes(total['bytes_before'])} before); nothing was written")
         return report
     if output is None:
         raise ConversionError("an output folder is needed unless --dry-run is given")
@@ -415,7 +415,7 @@ def convert_checkpoint(source: str | Path, output: str | Path | None, options: C
             (folder / CONVERSION_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         report["seconds"] = round(time.perf_counter() - started, 3)
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {output} ({human_count(rows[-1]['bytes_after'])}B, {report['expert_banks_after']} expert banks, "
+    log(f"wrote {output} ({format_bytes(rows[-1]['bytes_after'])}, {report['expert_banks_after']} expert banks, "
         f"{report['output_format']} format) in {report['seconds']:.1f}s")
     return report
 

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from modeling_looped_moe.command_line import format_bytes, format_count
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 from modeling_looped_moe.conversion.families import ConversionError
+from modeling_looped_moe.conversion.tying import bank_groups
 from modeling_looped_moe.conversion.writer import PlannedTensor
 
 
@@ -141,16 +143,13 @@ class Calibrator:
         with torch.device("meta"):
             module = LoopedMoeDecoderLayer(self.config, layer_idx)
         module.load_state_dict({k: v.float() for k, v in source_tensors.items()}, strict=True, assign=True)
-        hidden = self.hidden
-        attention, _ = module.self_attn(module.input_layernorm(hidden), position_embeddings=self.position_embeddings,
-                                        attention_mask=None)
-        hidden = hidden + attention
-        block_input = module.post_attention_layernorm(hidden)
+        hidden = module.attention_block(self.hidden, self.position_embeddings, attention_mask=None)
+        block_input = module.feed_forward_input(hidden)
         error = None
         if source_experts is None:
-            block_output = module.mlp(block_input)
+            block_output = module.feed_forward(block_input)
         else:
-            block_output = module.mlp(block_input, _FusedExperts(*source_experts, self.act_fn), 0)
+            block_output = module.feed_forward(block_input, _FusedExperts(*source_experts, self.act_fn))
             converted_mlp = converted_mlp or {}
             unchanged = all(a is b for a, b in zip(converted_experts, source_experts)) and all(
                 value.dtype == source_tensors[key].dtype and torch.equal(value, source_tensors[key])
@@ -160,7 +159,7 @@ class Calibrator:
                 return 0.0
             mlp_state = {k[len("mlp."):]: v.float() for k, v in converted_mlp.items()}
             module.mlp.load_state_dict(mlp_state, strict=True, assign=True)
-            converted = module.mlp(block_input, _FusedExperts(*converted_experts, self.act_fn), 0)
+            converted = module.feed_forward(block_input, _FusedExperts(*converted_experts, self.act_fn))
             error = float((converted - block_output).norm() / block_output.norm().clamp_min(1e-30))
         self.hidden = hidden + block_output
         return error
@@ -190,9 +189,7 @@ def accounting_rows(source: SourceCheckpoint, plan: list[PlannedTensor], out_con
         `bytes_after`), then `layer="global"` and `layer="total"` rows.
     """
     bank_map = out_config.expert_bank_map()
-    bank_owner: dict[int, int] = {}
-    for layer_idx, bank in sorted(bank_map.items()):
-        bank_owner.setdefault(bank, layer_idx)
+    bank_owner = {bank: layers[0] for bank, layers in bank_groups(out_config).items()}
     rows = {i: dict(layer=i, kind="moe" if out_config.is_moe_layer(i) else "dense", bank=bank_map.get(i),
                     params_before=0, bytes_before=0, params_after=0, bytes_after=0)
             for i in range(out_config.num_unique_layers)}
@@ -218,14 +215,6 @@ def accounting_rows(source: SourceCheckpoint, plan: list[PlannedTensor], out_con
     return result + [total]
 
 
-def human_count(count: int) -> str:
-    """`1234567` -> `1.23M`."""
-    for unit, factor in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= factor:
-            return f"{count / factor:.2f}{unit}"
-    return str(count)
-
-
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of [`accounting_rows`] (with the MoE error column when present)."""
     with_error = any(row.get("moe_rel_error") is not None for row in rows)
@@ -235,8 +224,8 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         cells = [str(row["layer"]), row["kind"], "" if row["bank"] is None else str(row["bank"]),
-                 human_count(row["params_before"]), human_count(row["params_after"]),
-                 human_count(row["bytes_before"]) + "B", human_count(row["bytes_after"]) + "B"]
+                 format_count(row["params_before"]), format_count(row["params_after"]),
+                 format_bytes(row["bytes_before"]), format_bytes(row["bytes_after"])]
         if with_error:
             error = row.get("moe_rel_error")
             cells.append("" if error is None else f"{error:.3e}")
@@ -247,4 +236,4 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(render)
 
 
-__all__ = ["Calibrator", "accounting_rows", "calibration_input_ids", "format_table", "human_count", "owner_of"]
+__all__ = ["Calibrator", "accounting_rows", "calibration_input_ids", "format_table", "owner_of"]

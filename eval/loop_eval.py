@@ -5,6 +5,9 @@ after the first loop whose exit distribution has entropy (nats) <= the threshold
 compute is the fraction of depth steps it runs: `(prelude + loops_run * loop_layers + coda) / depth_steps`. The
 sweep runs the model's own adaptive exit (`exit_criterion="entropy"`), so exited tokens feed later positions the
 keys/values of the config's `exit_kv_policy`, exactly as in decoding.
+
+The per-token held-out losses of every static exit ([`loop_token_losses`]) and of an adaptive exit
+([`adaptive_token_losses`]) are defined here once; the benchmarks and the experiments score exits with them too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import torch.nn.functional as F
 @torch.no_grad()
 def loop_token_losses(model, blocks: torch.Tensor, batch_size: int = 16, progress: bool = True) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """Next-token losses and output entropies at every loop exit.
+    """Next-token losses and output entropies at every loop exit: the held-out loss of each static exit.
+
+    One forward per batch gives every exit (`output_loop_logits`): row `k - 1` holds what `exit_loop=k` scores, the
+    last row the full-depth losses (a one-loop model has that row only).
 
     Args:
         model: A `LoopedMoeForCausalLM` in eval mode.
@@ -45,6 +51,35 @@ def loop_token_losses(model, blocks: torch.Tensor, batch_size: int = 16, progres
         nll.append(torch.stack(per_loop_nll))
         entropy.append(torch.stack(per_loop_entropy))
     return torch.cat(nll, dim=1), torch.cat(entropy, dim=1)
+
+
+@torch.no_grad()
+def adaptive_token_losses(model, blocks: torch.Tensor, batch_size: int = 16, progress: bool = False,
+                          **exit_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token losses and exit loops of the model's own per-token adaptive exit.
+
+    Args:
+        model, blocks, batch_size, progress: As for [`loop_token_losses`].
+        **exit_kwargs: The exit's forward arguments (`exit_criterion`, `exit_threshold`, `exit_kv_policy`, ...).
+
+    Returns:
+        `(nll, exit_loops)`, each `[n * (length - 1)]`: float32 losses and the loop (from 1) each scored position
+        left after.
+
+    Raises:
+        ValueError: If the forward reports no exit loops (no adaptive exit: use [`loop_token_losses`]).
+    """
+    from tqdm.auto import tqdm
+
+    nll, exit_loops = [], []
+    for batch in tqdm(blocks.split(batch_size), desc="held-out exits", disable=not progress, leave=False):
+        out = model(batch, use_cache=False, **exit_kwargs)
+        if out.exit_loops is None:
+            raise ValueError(f"no adaptive exit with {exit_kwargs}: static exits come from loop_token_losses")
+        nll.append(F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].reshape(-1),
+                                   reduction="none"))
+        exit_loops.append(out.exit_loops[:, :-1].reshape(-1))
+    return torch.cat(nll), torch.cat(exit_loops)
 
 
 def depth_fraction(config, loops_run: torch.Tensor) -> torch.Tensor:
@@ -87,19 +122,12 @@ def entropy_exit_sweep(model, blocks: torch.Tensor, thresholds: list[float], bat
     config = model.config
     rows = []
     for threshold in tqdm(thresholds, desc="exit thresholds", disable=not progress, leave=False):
-        nll, count, fraction, loops = 0.0, 0, 0.0, 0.0
-        for batch in blocks.split(batch_size):
-            out = model(batch, exit_criterion="entropy", exit_threshold=threshold, use_cache=False)
-            targets = batch[:, 1:]
-            nll += F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.reshape(-1),
-                                   reduction="sum").item()
-            count += targets.numel()
-            exit_loops = out.exit_loops[:, :-1].float()
-            fraction += depth_fraction(config, exit_loops).sum().item()
-            loops += exit_loops.sum().item()
-        rows.append({"threshold": threshold, "perplexity": math.exp(nll / count),
-                     "depth_fraction": fraction / count, "compute_saved": 1.0 - fraction / count,
-                     "mean_loops": loops / count})
+        nll, exit_loops = adaptive_token_losses(model, blocks, batch_size, exit_criterion="entropy",
+                                                exit_threshold=threshold)
+        fraction = depth_fraction(config, exit_loops.double()).mean().item()
+        rows.append({"threshold": threshold, "perplexity": math.exp(nll.double().mean().item()),
+                     "depth_fraction": fraction, "compute_saved": 1.0 - fraction,
+                     "mean_loops": exit_loops.double().mean().item()})
     return rows
 
 
@@ -156,6 +184,7 @@ def summarise_sweep(per_loop: list[dict], sweep: list[dict], tolerance: float = 
 
 
 __all__ = [
+    "adaptive_token_losses",
     "depth_fraction",
     "entropy_exit_sweep",
     "loop_token_losses",

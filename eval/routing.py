@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.data import token_blocks
+from modeling_looped_moe.moe_looped_moe import top_k_experts
 
 JSD_DEFINITION = "mean over tokens of JSD(p_loop, p_final) / ln 2 (JSD in nats; i.e. base-2 JSD, in [0, 1])"
 LOAD_DEFINITION = "fraction of the tokens x top-k routing assignments that go to each expert (sums to 1)"
@@ -79,7 +81,7 @@ def moe_steps(config: LoopedMoeConfig) -> list[MoeStep]:
 
 
 def topk_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax") -> torch.LongTensor:
-    """The experts a router picks: top-k of the softmax or sigmoid scores, as [`LoopedMoeTopKRouter`] computes them.
+    """The experts a router picks: the router's own scoring (`moe_looped_moe.top_k_experts`), indices only.
 
     Args:
         router_logits: `[tokens, num_experts]` router logits.
@@ -89,13 +91,7 @@ def topk_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softma
     Returns:
         `[tokens, top_k]` expert indices, highest score first.
     """
-    if scoring == "softmax":
-        scores = F.softmax(router_logits, dtype=torch.float, dim=-1)
-    elif scoring == "sigmoid":
-        scores = torch.sigmoid(router_logits.float())
-    else:
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-    return torch.topk(scores, top_k, dim=-1).indices
+    return top_k_experts(router_logits, top_k, scoring)[1]
 
 
 def _masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> float:
@@ -448,10 +444,7 @@ def text_to_blocks(
         ids = ids[: max(block_size, max_tokens - max_tokens % block_size)]
     if ids and max(ids) >= vocab_size:
         raise ValueError(f"token id {max(ids)} is outside the model's vocabulary ({vocab_size})")
-    num_blocks = len(ids) // block_size
-    if num_blocks == 0:
-        raise ValueError(f"{len(ids)} tokens are fewer than one block of {block_size}")
-    return torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+    return token_blocks(ids, block_size)
 
 
 def _save_figure(fig, path: Path) -> Path:

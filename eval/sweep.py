@@ -19,7 +19,6 @@ runs lm-eval afresh without its request cache (which would return stale results 
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
 import json
 import logging
@@ -30,28 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from modeling_looped_moe.command_line import parse_key_values
+
 PRIMARY_METRICS = {"local_blimp": "acc", "local_perplexity": "bits_per_byte", "local_cloze": "acc"}
-
-
-def _literal(value: str) -> Any:
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
-
-
-def parse_key_values(items: list[str] | None) -> dict[str, Any]:
-    """`["a=1", "b=x,c=2.5"]` -> `{"a": 1, "b": "x", "c": 2.5}` (values through `ast.literal_eval` when possible)."""
-    parsed = {}
-    for item in items or []:
-        for pair in item.split(","):
-            if not pair:
-                continue
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"expected key=value, got {pair!r}")
-            parsed[key.strip()] = _literal(value.strip())
-    return parsed
 
 
 def parse_thresholds(items: list[str] | None) -> dict[str, list[float]]:

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.data import token_blocks
+from modeling_looped_moe.eval.loop_eval import loop_token_losses
 from modeling_looped_moe.eval.routing import analyze_routing
+from modeling_looped_moe.training.schedule import warmup_cosine
 from modeling_looped_moe.training.trainer import optimizer_param_groups
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,16 +132,10 @@ def lm_loss_of(model: LoopedMoeForCausalLM, output) -> torch.Tensor:
     return loss
 
 
-@torch.no_grad()
 def held_out_loss(model: LoopedMoeForCausalLM, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted position of the blocks."""
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(batch).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
+    """Mean next-token cross-entropy (nats) over every predicted position of the blocks, at full depth."""
+    nll, _ = loop_token_losses(model, blocks, batch_size, progress=False)
+    return nll[-1].double().mean().item()
 
 
 @torch.no_grad()
@@ -241,7 +236,7 @@ def train_steps(model: LoopedMoeForCausalLM, train_blocks: torch.Tensor, order: 
     progress = tqdm(range(steps), desc=desc, position=position, leave=True, mininterval=2.0, dynamic_ncols=True)
     start = time.perf_counter()
     for step in progress:
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        factor = warmup_cosine(step, warmup, step - warmup, max(1, steps - warmup))  # decay after the warm-up
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]

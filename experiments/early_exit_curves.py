@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.data import token_blocks
 from modeling_looped_moe.eval.exits import looped_relative_flops
+from modeling_looped_moe.eval.loop_eval import adaptive_token_losses, loop_token_losses
 
 MODELS = {
     "base": "Base",
@@ -57,43 +58,35 @@ def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
 
 
-@torch.no_grad()
 def looped_points(model, blocks: torch.Tensor, batch_size: int, thresholds: list[float], bar) -> list[dict]:
     """Static loop exits and entropy-threshold exits of a looped model."""
     config = model.config
     if config.num_prelude_layers or config.num_coda_layers:
         raise ValueError("expects num_prelude_layers = num_coda_layers = 0")
     total_steps = config.num_hidden_layers
-    settings = [("loop", k, None) for k in range(1, config.num_loops + 1)]
-    settings += [("threshold", None, t) for t in thresholds]
+    batches = math.ceil(len(blocks) / batch_size)
+    static_nll, _ = loop_token_losses(model, blocks, batch_size, progress=False)  # every static exit in one pass
+    bar.update(batches)
     points = []
-    for kind, exit_loop, threshold in settings:
-        total, count, counts = 0.0, 0, {}
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start : start + batch_size]
-            if kind == "loop":
-                out = model(batch, exit_loop=exit_loop, use_cache=False)
-                loops = torch.full_like(batch, exit_loop)
-            else:
-                out = model(batch, exit_criterion="entropy", exit_threshold=threshold, use_cache=False)
-                loops = out.exit_loops
-            total += nll_sum(out.logits, batch).item()
-            count += batch[:, 1:].numel()
-            # compute of the scored positions (all but the last of each block)
-            values, numbers = torch.unique(loops[:, :-1], return_counts=True)
-            for v, n in zip(values.tolist(), numbers.tolist()):
-                counts[int(v)] = counts.get(int(v), 0) + int(n)
-            bar.update(1)
-        scored = sum(counts.values())
-        mean_loop = sum(k * n for k, n in counts.items()) / scored
-        steps = mean_loop * config.num_loop_layers
-        if kind == "loop":
-            flops = looped_relative_flops(config, exit_loop=exit_loop, context_length=blocks.shape[1])
-            label = f"loop {exit_loop}/{config.num_loops}"
+    for exit_loop, threshold in [(k, None) for k in range(1, config.num_loops + 1)] + [(None, t) for t in thresholds]:
+        if threshold is None:
+            nll, loops = static_nll[exit_loop - 1], torch.full((static_nll.shape[1],), exit_loop)
         else:
+            nll, loops = adaptive_token_losses(model, blocks, batch_size, exit_criterion="entropy",
+                                               exit_threshold=threshold)
+            bar.update(batches)
+        # compute of the scored positions (all but the last of each block)
+        values, numbers = torch.unique(loops, return_counts=True)
+        counts = {int(v): int(n) for v, n in zip(values.tolist(), numbers.tolist())}
+        mean_loop = sum(k * n for k, n in counts.items()) / len(loops)
+        steps = mean_loop * config.num_loop_layers
+        if threshold is None:
+            kind, label = "loop", f"loop {exit_loop}/{config.num_loops}"
+            flops = looped_relative_flops(config, exit_loop=exit_loop, context_length=blocks.shape[1])
+        else:
+            kind, label = "threshold", f"entropy <= {threshold:g}"
             flops = looped_relative_flops(config, exit_loop_counts=counts, context_length=blocks.shape[1])
-            label = f"entropy <= {threshold:g}"
-        loss = total / count
+        loss = nll.double().mean().item()
         points.append({"label": label, "kind": kind, "exit_loop": exit_loop, "threshold": threshold,
                        "exit_loop_counts": {str(k): v for k, v in sorted(counts.items())}, "mean_exit_loop": mean_loop,
                        "depth_steps": steps, "saved": 1 - steps / total_steps, "relative_flops": flops,
@@ -247,7 +240,7 @@ def main(argv=None) -> dict:
     for name in names:
         model = LoopedMoeForCausalLM.from_pretrained(models_dir / name).eval()
         loaded[name] = model
-        passes = 1 if model.config.num_loops == 1 else model.config.num_loops + len(thresholds)
+        passes = 1 if model.config.num_loops == 1 else 1 + len(thresholds)  # one pass scores every static exit
         work += passes * math.ceil(len(blocks) / args.batch_size)
 
     results = {"held_out": str(args.held_out or models_dir / "held_out.txt"), "block_size": args.block_size,

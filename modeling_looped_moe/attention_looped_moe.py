@@ -82,7 +82,7 @@ class LoopedMoeAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        cache_idx: int | None = None,
+        depth_step: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -96,9 +96,9 @@ class LoopedMoeAttention(nn.Module):
         key_states, value_states = self.project_key_value(hidden_states, position_embeddings)
 
         if cache is not None:
-            if cache_idx is None:
-                raise ValueError("LoopedMoeAttention needs `cache_idx` (the depth step) to use a cache")
-            key_states, value_states = cache.update(key_states, value_states, cache_idx)
+            if depth_step is None:
+                raise ValueError("LoopedMoeAttention needs `depth_step` (its cache slot) to use a cache")
+            key_states, value_states = cache.update(key_states, value_states, depth_step)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -227,7 +227,28 @@ class LoopedMoeConfig(PreTrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         """Number of depth steps: prelude + loop block x num_loops + coda."""
-        return self.num_prelude_layers + self.num_loop_layers * self.num_loops + self.num_coda_layers
+        return self.depth_steps_run(self.num_loops)
+
+    # The schedule arithmetic, written once: every other module asks these.
+    def loop_depth_step(self, loop_idx: int, offset: int) -> int:
+        """The depth step (and KV cache slot) of loop-block layer `offset` in loop `loop_idx`, both counted from 0."""
+        return self.num_prelude_layers + loop_idx * self.num_loop_layers + offset
+
+    def loop_end(self, loops_run: int) -> int:
+        """The depth step right after loop `loops_run` (counted from 1) ends; `loop_end(0)` is the loop block's start."""
+        return self.loop_depth_step(loops_run, 0)
+
+    @property
+    def coda_start(self) -> int:
+        """The first depth step of the coda (its cache slots do not depend on where the loop block was left)."""
+        return self.loop_end(self.num_loops)
+
+    def depth_steps_run(self, loops_run, coda_runs=1):
+        """Layer applications of a token that ran `loops_run` loops and the coda `coda_runs` times (ints or tensors).
+
+        A static exit runs the coda once; an adaptive one scores every boundary it reaches, through the coda.
+        """
+        return self.loop_end(loops_run) + coda_runs * self.num_coda_layers
 
     @property
     def num_unique_layers(self) -> int:
@@ -237,11 +258,10 @@ class LoopedMoeConfig(PreTrainedConfig):
     def depth_schedule(self) -> list[tuple[int, int]]:
         """`(unique_layer_idx, loop_idx)` for every depth step; `loop_idx` is 0 outside the loop block."""
         schedule = [(layer_idx, 0) for layer_idx in range(self.num_prelude_layers)]
-        loop_start = self.num_prelude_layers
         for loop_idx in range(self.num_loops):
-            schedule += [(loop_start + i, loop_idx) for i in range(self.num_loop_layers)]
-        coda_start = loop_start + self.num_loop_layers
-        schedule += [(coda_start + i, 0) for i in range(self.num_coda_layers)]
+            schedule += [(self.loop_depth_step(0, offset), loop_idx) for offset in range(self.num_loop_layers)]
+        first_coda_layer = self.loop_end(1)
+        schedule += [(first_coda_layer + offset, 0) for offset in range(self.num_coda_layers)]
         return schedule
 
     def is_loop_layer(self, layer_idx: int) -> bool:

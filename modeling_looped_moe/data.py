@@ -107,9 +107,18 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 2048):
     )
 
 
-def token_blocks(token_ids: list[int], block_size: int) -> torch.LongTensor:
-    """Cut a token stream into `[num_blocks, block_size]` (the remainder is dropped)."""
+def token_blocks(token_ids: list[int], block_size: int, allow_empty: bool = False) -> torch.LongTensor:
+    """Cut a token stream into `[num_blocks, block_size]` (the remainder is dropped).
+
+    Args:
+        token_ids: The token stream.
+        block_size: Tokens per block.
+        allow_empty: Return `[0, block_size]` for a stream shorter than one block instead of raising.
+
+    Raises:
+        ValueError: If the stream is shorter than one block and `allow_empty` is false.
+    """
     num_blocks = len(token_ids) // block_size
-    if num_blocks == 0:
+    if num_blocks == 0 and not allow_empty:
         raise ValueError(f"{len(token_ids)} tokens are fewer than one block of {block_size}")
     return torch.tensor(token_ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)

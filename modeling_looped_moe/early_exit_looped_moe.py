@@ -60,38 +60,43 @@ def depth_steps_used(config, exit_loops: torch.Tensor, adaptive: bool) -> torch.
     An adaptive step scores every boundary it reaches, so its coda runs once per loop run; a static exit runs the
     coda once.
     """
-    coda_runs = exit_loops if adaptive else torch.ones_like(exit_loops)
-    return config.num_prelude_layers + exit_loops * config.num_loop_layers + coda_runs * config.num_coda_layers
+    return config.depth_steps_run(exit_loops, exit_loops if adaptive else 1)
 
 
-def record_exit_trace(model, exit_loops: torch.Tensor, steps_used: torch.Tensor | None) -> None:
-    """Append one generation step's exit loops (and depth steps computed, for decode steps) to the trace."""
-    trace = getattr(model, "_exit_trace", None)
-    if trace is not None:
-        trace.append((exit_loops.detach().cpu(), None if steps_used is None else steps_used.detach().cpu()))
+class ExitTrace:
+    """The exits of one `generate` call, step by step: passed to `forward` as `exit_trace`, never kept on the model."""
 
+    def __init__(self):
+        self.steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-def generate_with_exit_trace(model, generate_fn, *args, **kwargs):
-    """Run `generate_fn` while recording exits; store the summary in `model.last_exit_stats` (and the output)."""
-    model._exit_trace = []
-    try:
-        output = generate_fn(*args, **kwargs)
-    finally:
-        trace, model._exit_trace = model._exit_trace, None
-    stats = None
-    if trace:
-        decode = [steps for _, steps in trace if steps is not None]
+    def record(self, exit_loops: torch.Tensor, steps_used: torch.Tensor | None) -> None:
+        """One forward's exit loops `[batch, 1]` and, for a decode step, the depth steps each row computed."""
+        self.steps.append((exit_loops.detach().cpu(), None if steps_used is None else steps_used.detach().cpu()))
+
+    def summary(self, num_depth_steps: int) -> dict | None:
+        """`exit_loops [batch, new_tokens]`, `compute_saved` and `decode_steps`; `None` when nothing exited."""
+        if not self.steps:
+            return None
+        decode = [steps for _, steps in self.steps if steps is not None]
         computed = float(sum(steps.sum() for steps in decode)) if decode else 0.0
-        full = float(sum(steps.numel() for steps in decode)) * model.config.num_hidden_layers
-        stats = {
-            "exit_loops": torch.cat([loops for loops, _ in trace], dim=1),
+        full = float(sum(steps.numel() for steps in decode)) * num_depth_steps
+        return {
+            "exit_loops": torch.cat([loops for loops, _ in self.steps], dim=1),
             "compute_saved": 1.0 - computed / full if full else 0.0,
             "decode_steps": len(decode),
         }
-    model.last_exit_stats = stats
-    if stats is not None and hasattr(output, "sequences"):
-        output["exit_loops"] = stats["exit_loops"]
-        output["compute_saved"] = stats["compute_saved"]
+
+
+def generate_with_exit_trace(generate_fn, num_depth_steps: int, *args, **kwargs):
+    """Run `generate_fn` with a fresh [`ExitTrace`]; a dict output receives its summary."""
+    if "exit_trace" in kwargs:
+        raise ValueError("exit_trace is set by generate itself; read the exits from return_dict_in_generate=True")
+    trace = kwargs["exit_trace"] = ExitTrace()
+    output = generate_fn(*args, **kwargs)
+    summary = trace.summary(num_depth_steps)
+    if summary is not None and hasattr(output, "sequences"):
+        for key, value in summary.items():
+            output[key] = value
     return output
 
 
@@ -147,13 +152,13 @@ def _layer_view(layer, rows: torch.Tensor | None):
 class StagedCacheView:
     """Attend to a cache without writing it: `update` returns past + new keys/values of the chosen rows.
 
-    The new keys/values are handed to `on_update(layer_idx, key_states, value_states)` (if given) so a caller can
-    stage them and write every slot once, for the full batch, with [`commit_staged`].
+    The new keys/values are handed to `on_update(depth_step, key_states, value_states)` (if given) so a caller can
+    stage them and write every cache slot once, for the full batch (see `_Staging`).
 
     Args:
         cache: The real cache.
         rows: Batch rows (indices into the cache's batch) seen through this view; `None` for all rows.
-        on_update: Callback receiving the new keys/values of each slot.
+        on_update: Callback receiving the new keys/values of each depth step.
     """
 
     def __init__(self, cache: Cache, rows: torch.Tensor | None = None, on_update=None):
@@ -161,16 +166,16 @@ class StagedCacheView:
         self.rows = rows
         self.on_update = on_update
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, depth_step: int, *args, **kwargs):
         if self.on_update is not None:
-            self.on_update(layer_idx, key_states, value_states)
-        layer = self.cache.layers[layer_idx]
+            self.on_update(depth_step, key_states, value_states)
+        layer = self.cache.layers[depth_step]
         if not getattr(layer, "is_initialized", False):
             return key_states, value_states
         return _attend_without_writing(layer, self.rows, key_states, value_states)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.cache.get_seq_length(layer_idx)
+    def get_seq_length(self, depth_step: int = 0) -> int:
+        return self.cache.get_seq_length(depth_step)
 
 
 @contextmanager
@@ -193,22 +198,22 @@ def _rows_of(tensor: torch.Tensor | None, rows: torch.Tensor, batch_size: int):
 
 
 class _Staging:
-    """Per-slot buffers of the keys/values one decode step writes, filled row group by row group."""
+    """Per-depth-step buffers of the keys/values one decode step writes, filled row group by row group."""
 
     def __init__(self):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
-    def put(self, slot: int, rows: torch.Tensor, batch_size: int, key_states, value_states) -> None:
-        if slot not in self.keys:
-            self.keys[slot] = key_states.new_zeros((batch_size, *key_states.shape[1:]))
-            self.values[slot] = value_states.new_zeros((batch_size, *value_states.shape[1:]))
-        self.keys[slot][rows] = key_states
-        self.values[slot][rows] = value_states
+    def put(self, depth_step: int, rows: torch.Tensor, batch_size: int, key_states, value_states) -> None:
+        if depth_step not in self.keys:
+            self.keys[depth_step] = key_states.new_zeros((batch_size, *key_states.shape[1:]))
+            self.values[depth_step] = value_states.new_zeros((batch_size, *value_states.shape[1:]))
+        self.keys[depth_step][rows] = key_states
+        self.values[depth_step][rows] = value_states
 
     def commit(self, cache: Cache) -> None:
-        for slot in sorted(self.keys):
-            cache.update(self.keys[slot], self.values[slot], slot)
+        for depth_step in sorted(self.keys):
+            cache.update(self.keys[depth_step], self.values[depth_step], depth_step)
 
 
 def adaptive_decode_step(
@@ -234,14 +239,11 @@ def adaptive_decode_step(
     """
     config = model.config
     batch_size = hidden_states.shape[0]
-    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
     num_loops = settings.max_loop or config.num_loops
-    coda_start = prelude + loop_len * config.num_loops
     cos, sin = position_embeddings
-    shared_kwargs = dict(cache=cache)
-    for step in range(prelude):
+    for depth_step in range(config.loop_end(0)):  # the prelude
         hidden_states = model.run_depth_step(
-            hidden_states, step, attention_mask=causal_mask, position_embeddings=position_embeddings, **shared_kwargs
+            hidden_states, depth_step, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache
         )
     loop_inputs = hidden_states
 
@@ -256,26 +258,27 @@ def adaptive_decode_step(
         rows_embeddings = (_rows_of(cos, active, batch_size), _rows_of(sin, active, batch_size))
         current_rows = active
 
-        def stage(slot, key_states, value_states, rows=current_rows):
-            staging.put(slot, rows, batch_size, key_states, value_states)
+        def stage(depth_step, key_states, value_states, rows=current_rows):
+            staging.put(depth_step, rows, batch_size, key_states, value_states)
 
         view = StagedCacheView(cache, current_rows if len(current_rows) < batch_size else None, stage)
-        for offset in range(loop_len):
+        for offset in range(config.num_loop_layers):
             states = model.run_depth_step(
-                states, prelude + loop_idx * loop_len + offset, loop_input=loop_inputs,
+                states, config.loop_depth_step(loop_idx, offset), loop_input=loop_inputs,
                 attention_mask=rows_mask, position_embeddings=rows_embeddings, cache=view,
             )
         coda_staging = _Staging()
 
-        def stage_coda(slot, key_states, value_states, rows=current_rows):
-            coda_staging.put(slot, torch.arange(len(rows), device=rows.device), len(rows), key_states, value_states)
+        def stage_coda(depth_step, key_states, value_states, rows=current_rows):
+            coda_staging.put(depth_step, torch.arange(len(rows), device=rows.device), len(rows), key_states,
+                             value_states)
 
         coda_view = StagedCacheView(cache, view.rows, stage_coda)
         exit_states = states
         with no_output_capture():
-            for step in range(coda_start, coda_start + config.num_coda_layers):
+            for depth_step in model.coda_steps():
                 exit_states = model.run_depth_step(
-                    exit_states, step, attention_mask=rows_mask, position_embeddings=rows_embeddings,
+                    exit_states, depth_step, attention_mask=rows_mask, position_embeddings=rows_embeddings,
                     cache=coda_view,
                 )
             logits = settings.lm_head(model.norm(exit_states))[:, -1]
@@ -287,8 +290,9 @@ def adaptive_decode_step(
         exited = active[fires]
         final_logits[exited] = logits[fires]
         exit_loops[exited] = loop_idx + 1
-        for slot in coda_staging.keys:
-            staging.put(slot, exited, batch_size, coda_staging.keys[slot][fires], coda_staging.values[slot][fires])
+        for depth_step in coda_staging.keys:
+            staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][fires],
+                        coda_staging.values[depth_step][fires])
         if loop_idx < config.num_loops - 1 and len(exited) > 0:
             exited_embeddings = (_rows_of(cos, exited, batch_size), _rows_of(sin, exited, batch_size))
             _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, loop_idx,
@@ -308,15 +312,15 @@ class _KeyValueOverride:
     their exit loop), remembers what each loop layer wrote, and forwards to the real cache (if any).
     """
 
-    def __init__(self, cache: Cache | None, kv_policy: str, loop_offset_of_slot: dict[int, int]):
+    def __init__(self, cache: Cache | None, kv_policy: str, loop_offset_of_step: dict[int, int]):
         self.cache = cache
         self.kv_policy = kv_policy
-        self.loop_offset_of_slot = loop_offset_of_slot
+        self.loop_offset_of_step = loop_offset_of_step
         self.exited: torch.Tensor | None = None  # [batch, seq] bool
         self.last_written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        offset = self.loop_offset_of_slot.get(layer_idx)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, depth_step: int, *args, **kwargs):
+        offset = self.loop_offset_of_step.get(depth_step)
         if offset is not None:
             if self.kv_policy == "copy" and self.exited is not None and offset in self.last_written:
                 keep = self.exited[:, None, :, None]
@@ -326,10 +330,10 @@ class _KeyValueOverride:
             self.last_written[offset] = (key_states, value_states)
         if self.cache is None:
             return key_states, value_states
-        return self.cache.update(key_states, value_states, layer_idx)
+        return self.cache.update(key_states, value_states, depth_step)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.cache is None else self.cache.get_seq_length(layer_idx)
+    def get_seq_length(self, depth_step: int = 0) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length(depth_step)
 
 
 def adaptive_prefill(
@@ -346,27 +350,27 @@ def adaptive_prefill(
         `(logits [batch, seq, vocab], exit_loops [batch, seq])`.
     """
     config = model.config
-    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
     num_loops = settings.max_loop or config.num_loops
-    for step in range(prelude):
-        hidden_states = model.run_depth_step(hidden_states, step, cache=cache, **layer_kwargs)
+    for depth_step in range(config.loop_end(0)):  # the prelude
+        hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
     loop_input = hidden_states
-    slots = {prelude + k * loop_len + offset: offset for k in range(config.num_loops) for offset in range(loop_len)}
-    proxy = _KeyValueOverride(cache, settings.kv_policy, slots)
+    offsets = {config.loop_depth_step(loop_idx, offset): offset
+               for loop_idx in range(config.num_loops) for offset in range(config.num_loop_layers)}
+    proxy = _KeyValueOverride(cache, settings.kv_policy, offsets)
     batch, seq = hidden_states.shape[:2]
     exited = torch.zeros(batch, seq, dtype=torch.bool, device=hidden_states.device)
     exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
     previous_logits = None
     for loop_idx in range(config.num_loops):
         proxy.exited = exited
-        for offset in range(loop_len):
+        for offset in range(config.num_loop_layers):
             new_states = model.run_depth_step(
-                hidden_states, prelude + loop_idx * loop_len + offset, loop_input=loop_input, cache=proxy,
+                hidden_states, config.loop_depth_step(loop_idx, offset), loop_input=loop_input, cache=proxy,
                 **layer_kwargs,
             )
             hidden_states = torch.where(exited[..., None], hidden_states, new_states)
         if loop_idx >= num_loops:
-            continue  # loops beyond an exit cap only fill the cache slots
+            continue  # loops beyond an exit cap only fill their cache slots
         logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
         flat = logits.reshape(batch * seq, -1)
         fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
@@ -376,8 +380,8 @@ def adaptive_prefill(
         exit_loops[fires] = loop_idx + 1
         exited = exited | fires
         previous_logits = flat
-    for step in model.coda_steps():
-        hidden_states = model.run_depth_step(hidden_states, step, cache=cache, **layer_kwargs)
+    for depth_step in model.coda_steps():
+        hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
     return settings.lm_head(model.norm(hidden_states)), exit_loops
 
 
@@ -390,19 +394,15 @@ def _stage_skipped_loops(
     still at its exit state: the exit state, entering a loop with that loop's embedding and re-injected input.
     """
     config = model.config
-    prelude, loop_len = config.num_prelude_layers, config.num_loop_layers
     batch_size = next(iter(staging.keys.values())).shape[0]
     loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
-    for offset in range(loop_len):
-        layer_idx = prelude + offset
-        layer = model.layers[layer_idx]
-        computed_slot = prelude + exit_loop_idx * loop_len + offset
+    for offset in range(config.num_loop_layers):
+        computed_step = config.loop_depth_step(exit_loop_idx, offset)
         key_value = None
         for later_loop in range(exit_loop_idx + 1, config.num_loops):
             if kv_policy == "copy":
-                key_value = staging.keys[computed_slot][rows], staging.values[computed_slot][rows]
+                key_value = staging.keys[computed_step][rows], staging.values[computed_step][rows]
             elif key_value is None or loop_dependent:
-                entering = model.enter_loop(exit_states, later_loop, loop_inputs) if offset == 0 else exit_states
-                normed = layer.attention_input(entering, model.loop_vector(layer_idx, later_loop))
-                key_value = layer.self_attn.project_key_value(normed, position_embeddings)
-            staging.put(prelude + later_loop * loop_len + offset, rows, batch_size, *key_value)
+                key_value = model.standing_key_values(exit_states, later_loop, offset, loop_inputs,
+                                                      position_embeddings)
+            staging.put(config.loop_depth_step(later_loop, offset), rows, batch_size, *key_value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .moe_looped_moe import router_scores
+
 
 def _token_weights(router_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Per-row weights (1 for real tokens, 0 for padding) matching the flattened router logits."""
@@ -39,11 +41,9 @@ def load_balancing_loss(
         step_logits = step_logits.float()
         num_experts = step_logits.shape[-1]
         weights = _token_weights(step_logits, attention_mask)
-        if scoring == "softmax":
-            probs = F.softmax(step_logits, dim=-1)
-        else:
-            scores = torch.sigmoid(step_logits)
-            probs = scores / scores.sum(dim=-1, keepdim=True)
+        probs = router_scores(step_logits, scoring)
+        if scoring == "sigmoid":  # independent scores: normalise over the experts (the top-k choice is unchanged)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         _, selected = torch.topk(probs, top_k, dim=-1)
         assignments = F.one_hot(selected, num_experts).sum(dim=1).float()  # [tokens, E]
         total = weights.sum().clamp_min(1.0)

@@ -55,14 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _train(args: argparse.Namespace, output_dir: Path):
     from .configuration.presets import load_preset
-    from .training.data import ModelDataArguments, parse_overrides
+    from .command_line import parse_key_values
+    from .training.data import ModelDataArguments
     from .training.trainer import LoopedMoeTrainingArguments, run_training
 
     overrides = list(TINY_OVERRIDES) if args.preset == "tiny" else []
     if args.num_loops:
         overrides.append(f"num_loops={args.num_loops}")
     overrides += args.set  # later items win
-    fields = parse_overrides(overrides)
+    fields = parse_key_values(overrides)
     base = load_preset(args.preset)
     num_loops = fields.get("num_loops", base.num_loops)
     if "loop_loss_weights" not in fields and num_loops > 1:
@@ -91,12 +92,12 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                              do_sample=True, top_k=40, temperature=0.8, pad_token_id=tokenizer.pad_token_id,
-                             **exit_kwargs)
+                             return_dict_in_generate=True, **exit_kwargs)
     seconds = time.perf_counter() - start
-    stats = model.last_exit_stats or {}
+    stats = {key: out[key] for key in ("exit_loops", "compute_saved", "decode_steps") if key in out}
     loops = stats.get("exit_loops")
     return {
-        "text": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True),
+        "text": tokenizer.decode(out.sequences[0, prompt.shape[1]:], skip_special_tokens=True),
         "seconds": round(seconds, 3),
         "exit_loops": loops[0].tolist() if loops is not None else None,
         "compute_saved": float(stats["compute_saved"]) if "compute_saved" in stats else 0.0,
@@ -104,57 +105,25 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate per loop and per exit threshold, write JSON and PNG, print a sample with adaptive exit."""
-    from .eval.loop_eval import (
-        entropy_exit_sweep,
-        loop_token_losses,
-        per_loop_perplexity,
-        plot_summary,
-        summarise_sweep,
-    )
+def _evaluate(args: argparse.Namespace, model, eval_blocks: torch.Tensor) -> dict:
+    """Held-out perplexity after every loop and along the entropy early-exit sweep; prints both."""
+    from .eval.loop_eval import entropy_exit_sweep, loop_token_losses, per_loop_perplexity, summarise_sweep
 
-    args = parse_args(argv)
-    job_start = time.perf_counter()
-    try:
-        import matplotlib  # noqa: F401  (fail before training, not after)
-    except ImportError as error:
-        raise SystemExit("the main job writes a PNG plot: pip install matplotlib (or the package's [eval] extra)") \
-            from error
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    print(f"[1/4] training for {args.train_seconds:.0f}s or {args.max_steps} steps, whichever comes first "
-          "(the progress bar counts steps)")
-    result = _train(args, output_dir)
-    model, tokenizer, config = result.model.eval(), result.tokenizer, result.model.config
-    state = result.trainer.state
-    losses = [(row["step"], row["loss"]) for row in state.log_history if "loss" in row and "step" in row]
-    speeds = [row["tokens_per_second"] for row in state.log_history if "tokens_per_second" in row]
-    print(f"      {state.global_step} steps in {result.train_seconds:.1f}s, "
-          f"{state.global_step * args.batch_size * args.block_size / max(result.train_seconds, 1e-9):.0f} tokens/s; "
-          f"model and tokenizer saved to {result.output_dir}")
-
-    print(f"[2/4] held-out perplexity per loop and entropy early-exit sweep ({args.eval_blocks} blocks)")
-    eval_blocks = result.eval_blocks[: args.eval_blocks]
-    if len(eval_blocks) == 0:
-        raise SystemExit("the held-out text is shorter than one block: give more text or a smaller --block-size")
     nll, _ = loop_token_losses(model, eval_blocks)
-    per_loop = per_loop_perplexity(config, nll)
+    per_loop = per_loop_perplexity(model.config, nll)
     sweep = entropy_exit_sweep(model, eval_blocks, sorted(args.thresholds))
-    choice = summarise_sweep(per_loop, sweep)
-    threshold = choice["chosen"]["threshold"]
     for row in per_loop:
         print(f"      exit after loop {row['exit_loop']}: perplexity {row['perplexity']:8.2f}  "
               f"(depth {row['depth_fraction']:.2f})")
     for row in sweep:
         print(f"      entropy <= {row['threshold']:<4g}: perplexity {row['perplexity']:8.2f}  "
               f"mean loops {row['mean_loops']:.2f}  compute saved {row['compute_saved']:6.1%}")
+    return {"per_loop": per_loop, "entropy_sweep": sweep, "sweep_choice": summarise_sweep(per_loop, sweep),
+            "held_out_tokens": int(nll.shape[1])}
 
-    print(f"[3/4] sample ({args.sample_tokens} tokens) with adaptive exit, entropy <= {threshold:g}")
-    prompt = eval_blocks[:1, :24]
+
+def _sample(args: argparse.Namespace, model, tokenizer, prompt: torch.Tensor, threshold: float) -> dict:
+    """The same sampled continuation with adaptive exit and at full depth, with the decode compute saved."""
     adaptive = _generate(model, tokenizer, prompt, args.sample_tokens, args.seed,
                          exit_criterion="entropy", exit_threshold=threshold)
     full = _generate(model, tokenizer, prompt, args.sample_tokens, args.seed)
@@ -168,28 +137,65 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"      warning: generate() ran no cached decode step (transformers {transformers.__version__}), so no "
               "decode compute was saved or measured")
+    return {"prompt": tokenizer.decode(prompt[0]), "threshold": threshold, "adaptive": adaptive, "full_depth": full}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate per loop and per exit threshold, write JSON and PNG, print a sample with adaptive exit."""
+    from .eval.loop_eval import plot_summary
+
+    args = parse_args(argv)
+    job_start = time.perf_counter()
+    try:
+        import matplotlib  # noqa: F401  (fail before training, not after)
+    except ImportError as error:
+        raise SystemExit("the main job writes a PNG plot: pip install matplotlib (or the package's [eval] extra)") \
+            from error
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"[1/4] training for {args.train_seconds:.0f}s or {args.max_steps} steps, whichever comes first")
+    result = _train(args, output_dir)
+    model, tokenizer, config = result.model.eval(), result.tokenizer, result.model.config
+    state = result.trainer.state
+    losses = [(row["step"], row["loss"]) for row in state.log_history if "loss" in row and "step" in row]
+    speeds = [row["tokens_per_second"] for row in state.log_history if "tokens_per_second" in row]
+    print(f"      {state.global_step} steps in {result.train_seconds:.1f}s, "
+          f"{state.global_step * args.batch_size * args.block_size / max(result.train_seconds, 1e-9):.0f} tokens/s; "
+          f"model and tokenizer saved to {result.output_dir}")
+
+    print(f"[2/4] held-out perplexity per loop and entropy early-exit sweep ({args.eval_blocks} blocks)")
+    eval_blocks = result.eval_blocks[: args.eval_blocks]
+    if len(eval_blocks) == 0:
+        raise SystemExit("the held-out text is shorter than one block: give more text or a smaller --block-size")
+    evaluation = _evaluate(args, model, eval_blocks)
+    threshold = evaluation["sweep_choice"]["chosen"]["threshold"]
+
+    print(f"[3/4] sample ({args.sample_tokens} tokens) with adaptive exit, entropy <= {threshold:g}")
+    sample = _sample(args, model, tokenizer, eval_blocks[:1, :24], threshold)
 
     print("[4/4] writing summary and plot")
+    parameters = sum(p.numel() for p in model.parameters())
     title = (f"{args.preset} preset, {config.num_prelude_layers}+{config.num_loop_layers}x{config.num_loops}"
-             f"+{config.num_coda_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters, "
-             f"{state.global_step} steps")
-    plot_path = plot_summary(output_dir / "main_job.png", losses, per_loop, sweep, title)
+             f"+{config.num_coda_layers} layers, {parameters:,} parameters, {state.global_step} steps")
+    plot_path = plot_summary(output_dir / "main_job.png", losses, evaluation["per_loop"],
+                             evaluation["entropy_sweep"], title)
     summary = {
         "preset": args.preset,
         "text": args.text or "python pydoc_data.topics",
         "config": {key: getattr(config, key) for key in (
             "vocab_size", "hidden_size", "num_prelude_layers", "num_loop_layers", "num_loops", "num_coda_layers",
             "num_experts", "num_experts_per_tok", "loop_loss_weights", "router_aux_loss_coef", "router_z_loss_coef")},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "training": {"steps": state.global_step, "seconds": round(result.train_seconds, 1),
                      "final_loss": losses[-1][1] if losses else None,
                      "mean_logged_tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else None,
-                     "train_blocks": list(result.train_blocks.shape), "held_out_tokens": int(nll.shape[1])},
-        "per_loop": per_loop,
-        "entropy_sweep": sweep,
-        "sweep_choice": choice,
-        "sample": {"prompt": tokenizer.decode(prompt[0]), "threshold": threshold, "adaptive": adaptive,
-                   "full_depth": full},
+                     "train_blocks": list(result.train_blocks.shape),
+                     "held_out_tokens": evaluation.pop("held_out_tokens")},
+        **evaluation,
+        "sample": sample,
         "model_dir": str(result.output_dir),
         "plot": str(plot_path),
         "wall_seconds": round(time.perf_counter() - job_start, 1),

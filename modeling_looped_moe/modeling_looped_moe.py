@@ -29,13 +29,13 @@ from .conditioning_looped_moe import LoopedMoeIterAdaLN, LoopedMoeIterationEmbed
 from .configuration_looped_moe import LoopedMoeConfig
 from .early_exit_looped_moe import (
     AdaptiveExit,
+    ExitTrace,
     StagedCacheView,
     adaptive_decode_step,
     adaptive_prefill,
     depth_steps_used,
     generate_with_exit_trace,
     no_output_capture,
-    record_exit_trace,
     validate_adaptive_exit,
 )
 from .losses_looped_moe import load_balancing_loss, router_z_loss
@@ -103,6 +103,42 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
             normed = self.input_adaln(normed, hidden_states, loop_vector)
         return normed
 
+    def attention_block(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        depth_step: int | None = None,
+        loop_vector: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The residual stream after the attention sub-layer (pre-norm attention added to `hidden_states`)."""
+        attention, _ = self.self_attn(
+            hidden_states=self.attention_input(hidden_states, loop_vector),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            depth_step=depth_step,
+            **kwargs,
+        )
+        return hidden_states + attention
+
+    def feed_forward_input(self, hidden_states: torch.Tensor, loop_vector: torch.Tensor | None = None) -> torch.Tensor:
+        """The post-attention pre-norm (IterAdaLN-modulated inside the loop block when `loop_vector` is given)."""
+        normed = self.post_attention_layernorm(hidden_states)
+        if self.post_attention_adaln is not None and loop_vector is not None:
+            normed = self.post_attention_adaln(normed, hidden_states, loop_vector)
+        return normed
+
+    def feed_forward(
+        self, normed: torch.Tensor, experts: LoopedMoeExperts | None = None, loop_idx: int = 0
+    ) -> torch.Tensor:
+        """The dense MLP, or the MoE block routing to `experts` (the bank this layer uses) in loop `loop_idx`."""
+        if isinstance(self.mlp, LoopedMoeSparseMoeBlock):
+            return self.mlp(normed, experts, loop_idx)
+        return self.mlp(normed)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -110,34 +146,17 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
-        cache_idx: int | None = None,
+        depth_step: int | None = None,
         experts: LoopedMoeExperts | None = None,
         loop_idx: int = 0,
         loop_vector: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         cache = resolve_cache(cache, past_key_values)  # called with `cache_kwargs`: the name checkpointing drops
-        residual = hidden_states
-        hidden_states = self.attention_input(hidden_states, loop_vector)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            cache=cache,
-            cache_idx=cache_idx,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(residual)
-        if self.post_attention_adaln is not None and loop_vector is not None:
-            hidden_states = self.post_attention_adaln(hidden_states, residual, loop_vector)
-        if isinstance(self.mlp, LoopedMoeSparseMoeBlock):
-            hidden_states = self.mlp(hidden_states, experts, loop_idx)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        hidden_states = self.attention_block(hidden_states, position_embeddings, attention_mask, cache=cache,
+                                             depth_step=depth_step, loop_vector=loop_vector, **kwargs)
+        normed = self.feed_forward_input(hidden_states, loop_vector)
+        return hidden_states + self.feed_forward(normed, experts, loop_idx)
 
 
 class LoopedMoePreTrainedModel(PreTrainedModel):
@@ -265,7 +284,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             hidden_states = self.enter_loop(hidden_states, loop_idx, loop_input)
         return self.layers[layer_idx](
             hidden_states,
-            cache_idx=depth_step,
+            depth_step=depth_step,
             **cache_kwargs(cache),
             experts=self.experts_for_layer(layer_idx),
             loop_idx=loop_idx,
@@ -273,24 +292,39 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             **layer_kwargs,
         )
 
+    def standing_key_values(
+        self,
+        hidden_states: torch.Tensor,
+        loop_idx: int,
+        offset: int,
+        loop_input: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values loop-block layer `offset` writes in loop `loop_idx` for a token that stands still at
+        `hidden_states` (entering the loop with its embedding and re-injected input, if configured).
+
+        Only the input norm and the K/V projections run: these are the keys/values an exited token leaves in the
+        loops it skipped under `exit_kv_policy="propagate"`.
+        """
+        layer_idx = self.config.loop_depth_step(0, offset)
+        entering = self.enter_loop(hidden_states, loop_idx, loop_input) if offset == 0 else hidden_states
+        layer = self.layers[layer_idx]
+        normed = layer.attention_input(entering, self.loop_vector(layer_idx, loop_idx))
+        return layer.self_attn.project_key_value(normed, position_embeddings)
+
     def depth_steps(self, exit_loop: int | None = None) -> list[int]:
         """Depth steps run when leaving the loop block after loop `exit_loop` (every loop when `None`)."""
-        config = self.config
-        num_loops = config.num_loops if exit_loop is None else exit_loop
-        loop_end = config.num_prelude_layers + num_loops * config.num_loop_layers
-        return list(range(loop_end)) + self.coda_steps()
+        loops_run = self.config.num_loops if exit_loop is None else exit_loop
+        return list(range(self.config.loop_end(loops_run))) + self.coda_steps()
 
     def coda_steps(self) -> list[int]:
         """Depth steps of the coda (their cache slots do not depend on the exit loop)."""
-        config = self.config
-        return list(range(config.num_prelude_layers + config.num_loops * config.num_loop_layers,
-                          config.num_hidden_layers))
+        return list(range(self.config.coda_start, self.config.num_hidden_layers))
 
     def loop_boundaries(self, exit_loop: int | None = None) -> list[int]:
         """Depth step index (exclusive end) at which each loop that runs finishes."""
         num_loops = self.config.num_loops if exit_loop is None else exit_loop
-        start = self.config.num_prelude_layers
-        return [start + (k + 1) * self.config.num_loop_layers for k in range(num_loops)]
+        return [self.config.loop_end(loops_run) for loops_run in range(1, num_loops + 1)]
 
     def resolve_exit_loop(self, exit_loop: int | None) -> int:
         """The loop to exit after: the argument, else `config.exit_loop`, else the last loop; validated."""
@@ -361,21 +395,40 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, **kwargs)
         if adaptive_exit is not None:
-            if hidden_states.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
-                with no_output_capture():
-                    exit_logits, exit_loops = adaptive_decode_step(
-                        self, hidden_states, causal_mask, position_embeddings, cache, adaptive_exit
-                    )
-                exit_loops = exit_loops[:, None]
-            else:
-                exit_logits, exit_loops = adaptive_prefill(self, hidden_states, cache, adaptive_exit,
-                                                           **layer_kwargs)
-            return LoopedMoeModelOutputWithPast(**cache_kwargs(cache), exit_logits=exit_logits, exit_loops=exit_loops)
+            return self._adaptive_forward(hidden_states, cache, adaptive_exit, **layer_kwargs)
+        return self._fixed_depth_forward(hidden_states, cache, exit_loop, output_loop_hidden_states,
+                                         output_loop_exit_states, **layer_kwargs)
 
+    def _adaptive_forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None, adaptive_exit: AdaptiveExit, **layer_kwargs
+    ) -> LoopedMoeModelOutputWithPast:
+        """Per-token exits: a one-token decode step with a filled cache compacts the rows still looping (recorders
+        off: rows change between boundaries); any other input runs every loop with per-position exits."""
+        if hidden_states.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
+            with no_output_capture():
+                exit_logits, exit_loops = adaptive_decode_step(
+                    self, hidden_states, layer_kwargs["attention_mask"], layer_kwargs["position_embeddings"], cache,
+                    adaptive_exit,
+                )
+            exit_loops = exit_loops[:, None]
+        else:
+            exit_logits, exit_loops = adaptive_prefill(self, hidden_states, cache, adaptive_exit, **layer_kwargs)
+        return LoopedMoeModelOutputWithPast(**cache_kwargs(cache), exit_logits=exit_logits, exit_loops=exit_loops)
+
+    def _fixed_depth_forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None,
+        exit_loop: int,
+        output_loop_hidden_states: bool,
+        output_loop_exit_states: bool,
+        **layer_kwargs,
+    ) -> LoopedMoeModelOutputWithPast:
+        """Every depth step up to loop `exit_loop`, then the coda and final norm (optionally each loop's exit)."""
         boundaries = self.loop_boundaries(exit_loop)
         loop_hidden_states, loop_exit_states, loop_input = [], [], None
         for depth_step in self.depth_steps(exit_loop):
-            if depth_step == self.config.num_prelude_layers:
+            if depth_step == self.config.loop_end(0):
                 loop_input = hidden_states
             hidden_states = self.run_depth_step(
                 hidden_states, depth_step, loop_input=loop_input, cache=cache, **layer_kwargs
@@ -445,6 +498,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         exit_kv_policy: str | None = None,
+        exit_trace: ExitTrace | None = None,
         **kwargs,
     ) -> LoopedMoeCausalLMOutputWithPast:
         r"""
@@ -467,71 +521,54 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             Return the logits at every loop boundary (`loop_logits`).
         exit_criterion, exit_threshold, exit_kv_policy (*optional*):
             Adaptive per-token exit (defaults from the config); see `LoopedMoeConfig`.
+        exit_trace (`ExitTrace`, *optional*):
+            Receives this call's exit loops (and, in a decode step, the depth steps computed); `generate` passes one
+            per call and returns its summary in the output, so nothing is kept on the model.
         """
+        cache = resolve_cache(cache, past_key_values)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        cache = resolve_cache(cache, past_key_values)
-        record_router_logits = output_router_logits or self._router_losses_needed(labels)
         adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop)
         query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         is_decode_step = cache is not None and query_length == 1 and cache.get_seq_length() > 0
+        model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if adaptive is not None and labels is None:
-            outputs = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                adaptive_exit=adaptive, **kwargs,
-            )
+            outputs = self.model(**model_inputs, adaptive_exit=adaptive)
             last_loops = outputs.exit_loops[:, -1]
-            steps = depth_steps_used(self.config, last_loops, adaptive=True) if is_decode_step else None
-            record_exit_trace(self, last_loops[:, None], steps)
+            if exit_trace is not None:
+                steps = depth_steps_used(self.config, last_loops, adaptive=True) if is_decode_step else None
+                exit_trace.record(last_loops[:, None], steps)
             return LoopedMoeCausalLMOutputWithPast(
                 logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
                 **cache_kwargs(output_cache(outputs)),
                 exit_loops=outputs.exit_loops,
             )
 
+        record_router_logits = output_router_logits or self._router_losses_needed(labels)
         weights = self.config.loop_loss_weights if labels is not None else None
         need_loop_logits = output_loop_logits or weights is not None
         outputs: LoopedMoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
+            **model_inputs,
             output_router_logits=record_router_logits,
             exit_loop=exit_loop,
             output_loop_exit_states=need_loop_logits,
-            **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loop_logits = None
         if need_loop_logits:
             loop_logits = tuple(self.lm_head(slice_logits_to_keep(state, logits_to_keep))
                                 for state in outputs.loop_exit_states[:-1]) + (logits,)
-        if exit_loop is not None or self.config.exit_loop is not None:
+        if exit_trace is not None and (exit_loop is not None or self.config.exit_loop is not None):
             static_loops = torch.full((logits.shape[0],), self.model.resolve_exit_loop(exit_loop))
             steps = depth_steps_used(self.config, static_loops, adaptive=False) if is_decode_step else None
-            record_exit_trace(self, static_loops[:, None], steps)
+            exit_trace.record(static_loops[:, None], steps)
 
-        loss = None
-        if labels is not None:
-            if weights is not None:
-                used = weights[: len(loop_logits)]
-                loss = sum(w * self.loss_function(lg, labels, self.vocab_size, **kwargs)
-                           for w, lg in zip(used, loop_logits) if w > 0)
-            else:
-                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-
+        loss = None if labels is None else self._language_modeling_loss(logits, loop_logits, weights, labels, **kwargs)
         aux_loss = z_loss = None
         if record_router_logits and outputs.router_logits:
-            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            aux_loss = load_balancing_loss(
-                outputs.router_logits, self.config.num_experts_per_tok, self.config.router_scoring, token_mask
-            )
-            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            aux_loss, z_loss = self._router_losses(outputs.router_logits, attention_mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
                 loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
@@ -549,15 +586,31 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             loop_logits=loop_logits if output_loop_logits else None,
         )
 
+    def _language_modeling_loss(self, logits, loop_logits, weights, labels, **kwargs) -> torch.Tensor:
+        """Next-token loss of the final logits, or with `loop_loss_weights` the weighted sum over the loop exits."""
+        if weights is None:
+            return self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        used = weights[: len(loop_logits)]
+        return sum(w * self.loss_function(lg, labels, self.vocab_size, **kwargs)
+                   for w, lg in zip(used, loop_logits) if w > 0)
+
+    def _router_losses(self, router_logits, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load-balancing and z losses over every MoE depth step (padding excluded with a 2D attention mask)."""
+        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        aux_loss = load_balancing_loss(
+            router_logits, self.config.num_experts_per_tok, self.config.router_scoring, token_mask
+        )
+        return aux_loss, router_z_loss(router_logits, token_mask)
+
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, recording per generated token the loops used under early exit.
 
-        After the call, `model.last_exit_stats` holds `exit_loops` (`[batch, new_tokens]`, loops counted from 1) and
-        `compute_saved` (the fraction of depth-step applications the decode steps skipped, measured on the rows
-        actually computed); with `return_dict_in_generate=True` the output carries both too. Beam search reorders
-        rows, so its per-row trace follows the beams' slots, not the returned sequences.
+        With `return_dict_in_generate=True` and an exit (static or adaptive), the output also carries `exit_loops`
+        (`[batch, new_tokens]`, loops counted from 1), `compute_saved` (the fraction of depth-step applications the
+        decode steps skipped, measured on the rows actually computed) and `decode_steps`. Beam search reorders rows,
+        so its per-row trace follows the beams' slots, not the returned sequences.
         """
-        return generate_with_exit_trace(self, super().generate, *args, **kwargs)
+        return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
 
     def generate_self_speculative(self, input_ids: torch.LongTensor, **kwargs) -> SelfSpeculativeOutput:
         """Greedy decoding with drafts from the first loops verified at full depth; see `self_speculative_generate`."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .configuration_looped_moe import LoopedMoeConfig
+from .configuration_looped_moe import ROUTER_SCORING_OPTIONS, LoopedMoeConfig
 
 
 class LoopedMoeMLP(nn.Module):
@@ -22,6 +22,23 @@ class LoopedMoeMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def router_scores(router_logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Per-expert routing scores in float32: softmax over the experts, or independent sigmoids.
+
+    The one definition of router scoring: the router, the load-balancing loss and the routing analysis all use it.
+    """
+    if scoring == "softmax":
+        return F.softmax(router_logits, dtype=torch.float, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(router_logits.float())
+    raise ValueError(f"router_scoring must be one of {ROUTER_SCORING_OPTIONS}, got {scoring!r}")
+
+
+def top_k_experts(router_logits: torch.Tensor, top_k: int, scoring: str) -> tuple[torch.Tensor, torch.LongTensor]:
+    """`(scores, indices)` of the `top_k` experts each row of `router_logits` is routed to."""
+    return torch.topk(router_scores(router_logits, scoring), top_k, dim=-1)
 
 
 class LoopedMoeTopKRouter(nn.Module):
@@ -39,11 +56,7 @@ class LoopedMoeTopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
-        if self.scoring == "softmax":
-            router_scores = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        else:
-            router_scores = torch.sigmoid(router_logits.float())
-        top_values, top_indices = torch.topk(router_scores, self.top_k, dim=-1)
+        top_values, top_indices = top_k_experts(router_logits, self.top_k, self.scoring)
         if self.norm_topk_prob:
             top_values = top_values / top_values.sum(dim=-1, keepdim=True)
         return router_logits, top_values.to(router_logits.dtype), top_indices

@@ -38,10 +38,11 @@ class SelfSpeculativeOutput:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _crop_slots(cache: DynamicCache, slots: list[int], tokens: int) -> None:
+def _crop(cache: DynamicCache, depth_steps: list[int], tokens: int) -> None:
+    """Drop the last `tokens` positions from the cache slots of `depth_steps`."""
     if tokens > 0:
-        for slot in slots:
-            cache.layers[slot].crop(-tokens)
+        for depth_step in depth_steps:
+            cache.layers[depth_step].crop(-tokens)
 
 
 @torch.no_grad()
@@ -77,8 +78,8 @@ def self_speculative_generate(
         eos_token_id = model.generation_config.eos_token_id
     eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
     base = model.model
-    resume_step = config.num_prelude_layers + draft_loops * config.num_loop_layers
-    coda_slots = base.coda_steps()
+    resume_step = config.loop_end(draft_loops)
+    coda_steps = base.coda_steps()
     verify_steps = list(range(resume_step, config.num_hidden_layers))
 
     cache = DynamicCache(config=config)
@@ -100,14 +101,14 @@ def self_speculative_generate(
             drafts.append(token)
         drafted += budget
         # Verification: loops after the draft loops and the coda, for every fed token, in one forward.
-        _crop_slots(cache, coda_slots, budget)
+        _crop(cache, coda_steps, budget)
         hidden_states = torch.cat(draft_states, dim=1)
         position_ids = torch.arange(start_length, start_length + budget, device=hidden_states.device)[None]
         causal_mask = create_causal_mask(config, hidden_states, None, cache, position_ids, layer_idx=resume_step)
         position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
         loop_input = torch.cat(loop_inputs, dim=1)
-        for step in verify_steps:
-            hidden_states = base.run_depth_step(hidden_states, step, loop_input=loop_input, attention_mask=causal_mask,
+        for depth_step in verify_steps:
+            hidden_states = base.run_depth_step(hidden_states, depth_step, loop_input=loop_input, attention_mask=causal_mask,
                                                 position_embeddings=position_embeddings, cache=cache)
         verified = model.lm_head(base.norm(hidden_states)).argmax(-1)  # [1, budget]: prediction after each fed token
         draft_row = torch.cat(drafts, dim=1)
@@ -120,7 +121,7 @@ def self_speculative_generate(
             correction = verified[:, num_accepted : num_accepted + 1]
             new_tokens = torch.cat([draft_row[:, :num_accepted], correction], dim=1)
             # Fed tokens after the last accepted draft were computed on a wrong prefix.
-            _crop_slots(cache, list(range(config.num_hidden_layers)), budget - num_accepted - 1)
+            _crop(cache, list(range(config.num_hidden_layers)), budget - num_accepted - 1)
             next_token = correction
         for position in range(new_tokens.shape[1]):
             generated.append(new_tokens[:, position : position + 1])

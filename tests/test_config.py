@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM, available_presets, load_preset
+from modeling_looped_moe.command_line import format_bytes, format_count
 from modeling_looped_moe.configuration.presets import presets_dir, presets_table
 
 
@@ -334,3 +335,11 @@ def test_paper_presets_are_compute_matched() -> None:
 def test_presets_readme_table_is_current() -> None:
     """configuration/README.md holds the table that `python -m modeling_looped_moe.configuration table` prints now."""
     assert presets_table() in (REPO / "configuration" / "README.md").read_text()
+
+
+def test_count_and_byte_formats() -> None:
+    """The one count format (presets table, balancing, conversion) and the byte format of the conversion report."""
+    assert [format_count(n) for n in (1_234_000_000, 151_520_000, 413_049, 157_400, 512, 0)] == [
+        "1.234B", "151.52M", "413.0K", "157.4K", "512", "0"]
+    assert [format_bytes(n) for n in (2 * 10**12, 1_234_567_890, 456_789_000, 12_345, 999, 0)] == [
+        "2.00 TB", "1.23 GB", "456.79 MB", "12.35 KB", "999 B", "0 B"]

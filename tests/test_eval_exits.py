@@ -1,4 +1,4 @@
-"""Exit points for sweeps: FLOP accounting, config switching, adaptive-exit recording and layer exits."""
+"""Exit points for sweeps: FLOP accounting, config switching, adaptive-exit recording, layer exits, held-out losses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import small_config
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -95,3 +96,27 @@ def test_layer_exit_through_final_norm_and_head():
         torch.testing.assert_close(model(x).logits, reference.logits)  # hooks removed
     with pytest.raises(ValueError), layer_exit(model, 4):
         pass
+
+
+def test_held_out_losses_of_static_and_adaptive_exits():
+    """One pass of `loop_token_losses` scores every static exit as `exit_loop=k` does (prelude and coda included);
+    `adaptive_token_losses` scores the model's own adaptive exit and refuses a forward without one."""
+    from modeling_looped_moe.eval.loop_eval import adaptive_token_losses, loop_token_losses
+
+    torch.manual_seed(0)
+    model = LoopedMoeForCausalLM(small_config(num_loops=3)).eval()
+    blocks = torch.randint(3, 96, (5, 12))
+    nll, entropy = loop_token_losses(model, blocks, batch_size=2, progress=False)
+    assert nll.shape == entropy.shape == (3, 5 * 11)
+    with torch.no_grad():
+        for k in range(1, 4):
+            logits = model(blocks, exit_loop=k, use_cache=False).logits[:, :-1].flatten(0, 1)
+            torch.testing.assert_close(nll[k - 1], F.cross_entropy(logits, blocks[:, 1:].reshape(-1), reduction="none"))
+        adaptive = model(blocks, exit_criterion="entropy", exit_threshold=float(entropy[0].median()), use_cache=False)
+    losses, exit_loops = adaptive_token_losses(model, blocks, batch_size=2, exit_criterion="entropy",
+                                               exit_threshold=float(entropy[0].median()))
+    torch.testing.assert_close(losses, F.cross_entropy(adaptive.logits[:, :-1].flatten(0, 1), blocks[:, 1:].reshape(-1),
+                                                       reduction="none"))
+    assert torch.equal(exit_loops, adaptive.exit_loops[:, :-1].reshape(-1)) and 1 < exit_loops.float().mean() < 3
+    with pytest.raises(ValueError, match="loop_token_losses"):
+        adaptive_token_losses(model, blocks, exit_loop=2)

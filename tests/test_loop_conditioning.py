@@ -74,16 +74,17 @@ def test_conditioning_with_early_exit(option):
         torch.testing.assert_close(static, loop_logits[1], atol=1e-5, rtol=0)
         entropy = -(loop_logits[0].softmax(-1) * loop_logits[0].log_softmax(-1)).sum(-1)[mask.bool()]
         threshold = entropy.sort().values[len(entropy) // 2 : len(entropy) // 2 + 2].mean().item()
-        kwargs = dict(max_new_tokens=6, do_sample=False, exit_criterion="entropy", exit_threshold=threshold)
+        kwargs = dict(max_new_tokens=6, do_sample=False, exit_criterion="entropy", exit_threshold=threshold,
+                      return_dict_in_generate=True)
         for policy in ("propagate", "copy"):
             batched = model.generate(ids, attention_mask=mask, exit_kv_policy=policy, **kwargs)
-            batched_loops = model.last_exit_stats["exit_loops"]
             for row in range(ids.shape[0]):
                 alone = ids[row][mask[row].bool()][None]
-                single = model.generate(alone, exit_kv_policy=policy, **kwargs)[0, alone.shape[1]:]
+                single = model.generate(alone, exit_kv_policy=policy, **kwargs)
+                new = single.sequences[0, alone.shape[1]:]
                 # A row alone stops at EOS; in the batch it continues with padding, which is not compared.
-                assert torch.equal(single, batched[row, ids.shape[1]:][: len(single)])
-                assert torch.equal(model.last_exit_stats["exit_loops"][0], batched_loops[row][: len(single)])
+                assert torch.equal(new, batched.sequences[row, ids.shape[1]:][: len(new)])
+                assert torch.equal(single.exit_loops[0], batched.exit_loops[row][: len(new)])
         reference = model.generate(ids[1:2], max_new_tokens=8, do_sample=False)
         speculative = model.generate_self_speculative(ids[1:2], draft_loops=1, num_draft_tokens=3, max_new_tokens=8)
     assert torch.equal(speculative.sequences, reference)

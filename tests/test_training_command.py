@@ -11,12 +11,13 @@ from conftest import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_looped_moe import LoopedMoeForCausalLM, load_preset
+from modeling_looped_moe.command_line import parse_key_values
 from modeling_looped_moe.training.data import (
     ModelDataArguments,
     load_documents,
-    parse_overrides,
 )
 from modeling_looped_moe.training.command import main
+from modeling_looped_moe.training.schedule import warmup_cosine
 from modeling_looped_moe.training.trainer import (
     BlockDataset,
     LoopedMoeTrainer,
@@ -189,10 +190,43 @@ def test_documents_from_a_local_dataset_folder_and_overrides(tmp_path):
     (folder / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     train, held_out = load_documents(ModelDataArguments(dataset_name=str(folder), eval_fraction=0.1))
     assert len(train) + len(held_out) == 30 and len(held_out) == 3
-    assert parse_overrides(["num_loops=3", "loop_loss_weights=[0.5, 1]", "hidden_act=gelu"]) == {
+    assert parse_key_values(["num_loops=3", "loop_loss_weights=[0.5, 1]", "hidden_act=gelu"]) == {
         "num_loops": 3, "loop_loss_weights": [0.5, 1], "hidden_act": "gelu"}
     with pytest.raises(ValueError, match="key=value"):
-        parse_overrides(["num_loops"])
+        parse_key_values(["num_loops"])
+
+
+def test_parse_key_values_takes_one_pair_or_comma_separated_pairs():
+    """One rule for every `key=value` option: an item holds one pair or several joined by commas (a comma inside a
+    value stays), values are JSON, else Python literals, else strings; a bad item is named."""
+    assert parse_key_values(["num_loops=3", "blimp_path=../data/blimp,text_max_docs=50, exit_loop=None"]) == {
+        "num_loops": 3, "blimp_path": "../data/blimp", "text_max_docs": 50, "exit_loop": None}
+    assert parse_key_values(["loop_loss_weights=[0.5,1],per_loop_router=true", "rope={'type': 'x', 'factor': 2}"]) == {
+        "loop_loss_weights": [0.5, 1], "per_loop_router": True, "rope": {"type": "x", "factor": 2}}
+    assert parse_key_values(["hidden_act=gelu", "hidden_act=silu", "name=a,b", "empty="]) == {
+        "hidden_act": "silu", "name": "a,b", "empty": ""}
+    assert parse_key_values(None) == {}
+    with pytest.raises(ValueError, match="'num_loops' in 'num_loops,hidden_act=gelu'"):
+        parse_key_values(["num_loops,hidden_act=gelu"])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_key_values(["=3"])
+
+
+def test_warmup_cosine_schedule_and_the_time_capped_trainer_uses_it(tmp_path):
+    """Linear warm-up to the peak, then cosine to 0 over the progress (clipped to [0, 1]); a time-capped Trainer far
+    from its time budget follows it over the steps."""
+    assert [warmup_cosine(step, 4, 0.0) for step in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_cosine(10, 4, 0.5) == pytest.approx(0.5) and warmup_cosine(10, 4, 1.0) == pytest.approx(0.0)
+    assert warmup_cosine(10, 4, 30, 120) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # seconds of a budget
+    assert warmup_cosine(0, 2, -3, 10) == 0.5 and warmup_cosine(10, 1, 2.0) == pytest.approx(0.0)
+    trainer = LoopedMoeTrainer(model=LoopedMoeForCausalLM(small_config()),
+                               args=_args(tmp_path, warmup_steps=2, max_train_seconds=1e6),
+                               train_dataset=BlockDataset(torch.randint(3, 96, (8, 16))))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    for step in range(10):
+        assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-2 * warmup_cosine(step, 3, step / 10)), step
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
 
 
 def test_main_job_writes_summary_and_plot(tmp_path):

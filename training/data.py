@@ -7,7 +7,6 @@ needs network, a local folder or a `save_to_disk` folder does not), or, by defau
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,13 @@ from typing import Any
 
 import torch
 
+from modeling_looped_moe.command_line import parse_key_values
 from modeling_looped_moe.data import (
     HELD_OUT_FRACTION,
     python_docs_documents,
     read_text_files,
     split_documents,
+    token_blocks,
     train_bpe_tokenizer,
 )
 
@@ -33,7 +34,8 @@ class ModelDataArguments:
     Args:
         preset: Preset name or path to a `config.json` / folder, for pretraining from scratch.
         model_name_or_path: A saved model folder to fine-tune instead (local; its tokenizer is reused if present).
-        config_overrides: `key=value` config fields (values parsed as JSON, else kept as strings).
+        config_overrides: `key=value` config fields ([`modeling_looped_moe.command_line.parse_key_values`]: values
+            parsed as JSON, else as Python literals, else kept as strings).
         loop_loss_weights: One weight per loop: deep supervision of every loop exit.
         router_aux_loss_coef: Weight of the load-balancing loss (default: the config's).
         router_z_loss_coef: Weight of the router z-loss (default: the config's).
@@ -52,7 +54,7 @@ class ModelDataArguments:
     preset: str | None = field(default="tiny", metadata={"help": "Preset name or config.json path."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Saved model folder to fine-tune."})
     config_overrides: list[str] = field(
-        default_factory=list, metadata={"help": "Config fields as key=value (JSON values), e.g. num_loops=3."}
+        default_factory=list, metadata={"help": "Config fields as key=value (JSON or Python values), e.g. num_loops=3."}
     )
     loop_loss_weights: list[float] | None = field(default=None, metadata={"help": "One loss weight per loop."})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Load-balancing loss weight."})
@@ -70,27 +72,9 @@ class ModelDataArguments:
                                  metadata={"help": "Held-out fraction of the text, at its end (0: none)."})
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Parse `key=value` strings; values are JSON (`3`, `true`, `[0.5, 1.0]`) or plain strings.
-
-    Args:
-        items: Strings such as `"num_loops=3"`.
-    """
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"config override {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def config_overrides(args: ModelDataArguments) -> dict[str, Any]:
     """All config fields the arguments set: `config_overrides` plus the loss options."""
-    overrides = parse_overrides(args.config_overrides)
+    overrides = parse_key_values(args.config_overrides)
     if args.loop_loss_weights is not None:
         overrides["loop_loss_weights"] = list(args.loop_loss_weights)
     if args.router_aux_loss_coef is not None:
@@ -219,11 +203,8 @@ def tokenize_blocks(tokenizer, documents: tuple[list[str], list[str]], block_siz
         documents: `(train, held_out)` documents.
         block_size: Tokens per block.
     """
-    blocks = []
-    for part in documents:
-        ids = token_stream(tokenizer, part) if part else []
-        count = len(ids) // block_size
-        blocks.append(torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size))
+    blocks = [token_blocks(token_stream(tokenizer, part) if part else [], block_size, allow_empty=True)
+              for part in documents]
     if blocks[0].shape[0] == 0:
         raise ValueError(f"the training text holds fewer tokens than one block of {block_size}")
     return blocks[0], blocks[1]
@@ -259,7 +240,6 @@ __all__ = [
     "build_model",
     "config_overrides",
     "load_documents",
-    "parse_overrides",
     "prepare_tokenizer",
     "token_stream",
     "tokenize_blocks",

@@ -5,7 +5,6 @@ For real training runs use the Trainer-based command (`scripts/train.py`, `train
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
 from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
+from modeling_looped_moe.training.schedule import warmup_cosine
 
 
 def build_small_looped_moe(vocab_size: int, num_loops: int, hidden_size: int = 128) -> LoopedMoeForCausalLM:
@@ -56,7 +56,7 @@ def train_for_seconds(
     progress = tqdm(total=int(seconds), desc="training (s)", unit="s")
     while (elapsed := time.perf_counter() - start) < seconds:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
+            group["lr"] = lr * warmup_cosine(step, 50, elapsed, seconds)
         batch = blocks[torch.randint(0, len(blocks), (batch_size,))]
         loss = model(batch, labels=batch).loss
         optimizer.zero_grad()

@@ -34,6 +34,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.conversion.tying import bank_groups
+from modeling_looped_moe.training.schedule import warmup_cosine
 
 _BANK_PARAMETER = re.compile(r"(?:^|\.)expert_banks\.(\d+)\.")
 
@@ -50,10 +52,7 @@ def bank_group_sizes(config: LoopedMoeConfig) -> dict[int, int]:
     Returns:
         `{bank_index: g}` for every bank in `config.expert_bank_map()`.
     """
-    sizes: dict[int, int] = defaultdict(int)
-    for bank in config.expert_bank_map().values():
-        sizes[bank] += 1
-    return dict(sizes)
+    return {bank: len(layers) for bank, layers in bank_groups(config).items()}
 
 
 def optimizer_param_groups(
@@ -251,8 +250,7 @@ class LoopedMoeTrainer(Trainer):
             if not start:
                 start.append(time.perf_counter())
             elapsed = (time.perf_counter() - start[0]) / seconds if seconds > 0 else 1.0
-            progress = min(1.0, max(step / max(1, num_training_steps), elapsed))
-            return min(1.0, (step + 1) / (warmup + 1)) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return warmup_cosine(step, warmup + 1, max(step / max(1, num_training_steps), elapsed))
 
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
         return self.lr_scheduler
