@@ -297,6 +297,38 @@ def balance_looped_config(
         ValueError: If the reference has no routed experts, the depths differ, the layout is invalid, no candidate
             exists, or `tolerance` is not met.
     """
+    layout = _validated_layout(reference, layout, overrides)
+    match = tuple(match)
+    unknown = [name for name in match if name not in MATCHED_QUANTITIES]
+    if not match or unknown:
+        raise ValueError(f"match must name one or more of {MATCHED_QUANTITIES}, got {match!r}")
+    if not (isinstance(width_multiple, int) and width_multiple >= 1):
+        raise ValueError(f"width_multiple must be an integer >= 1, got {width_multiple!r}")
+
+    fields = _config_fields(reference, layout, overrides)
+    template = type(reference)(**fields)  # validates the layout and overrides with the reference's experts
+    if not template.moe_layers:
+        raise ValueError(f"layout {layout} leaves no MoE layer to balance")
+    top_k_choices = tuple(top_k_choices) if top_k_choices else (reference.num_experts_per_tok,)
+    scored = _fitted_candidates(reference, template, top_k_choices, width_multiple, max_experts, context_length,
+                                [MATCHED_QUANTITIES.index(name) for name in match])
+    if not scored:
+        raise ValueError(f"no (experts, width) candidate for layout {layout}")
+    result = _best_exact(reference, fields, scored, context_length, match)
+    if tolerance is not None and not result.within(tolerance):
+        raise ValueError(
+            f"layout {layout}: best match of {', '.join(match)} misses the tolerance {tolerance:.2%}: total parameters "
+            f"{result.total_parameters_error:+.3%}, FLOPs {result.flops_error:+.3%}, "
+            f"active parameters {result.active_parameters_error:+.3%}, "
+            f"attention:FFN {result.ratio_error:+.3%}"
+        )
+    if print_table:
+        print(format_balance_table(result))
+    return result
+
+
+def _validated_layout(reference: LoopedMoeConfig, layout, overrides: dict[str, Any]) -> LoopLayout:
+    """The layout as a [`LoopLayout`], checked against the reference (routed experts, equal depth) and overrides."""
     if isinstance(layout, str):
         layout = LoopLayout.parse(layout)
     layout = LoopLayout(*layout)
@@ -310,24 +342,25 @@ def balance_looped_config(
     for name in ("num_experts", "moe_intermediate_size", "num_experts_per_tok", *_LAYOUT_FIELDS):
         if name in overrides:
             raise ValueError(f"{name} is set by the layout or the search, not by overrides")
-    match = tuple(match)
-    unknown = [name for name in match if name not in MATCHED_QUANTITIES]
-    if not match or unknown:
-        raise ValueError(f"match must name one or more of {MATCHED_QUANTITIES}, got {match!r}")
-    selected = [MATCHED_QUANTITIES.index(name) for name in match]
-    if not (isinstance(width_multiple, int) and width_multiple >= 1):
-        raise ValueError(f"width_multiple must be an integer >= 1, got {width_multiple!r}")
+    return layout
 
-    fields = _config_fields(reference, layout, overrides)
-    config_class = type(reference)
-    template = config_class(**fields)  # validates the layout and overrides with the reference's experts
-    if not template.moe_layers:
-        raise ValueError(f"layout {layout} leaves no MoE layer to balance")
-    top_k_choices = tuple(top_k_choices) if top_k_choices else (reference.num_experts_per_tok,)
+
+def _fitted_candidates(
+    reference: LoopedMoeConfig,
+    template: LoopedMoeConfig,
+    top_k_choices: tuple[int, ...],
+    w: int,
+    max_experts: int | None,
+    context_length: int,
+    selected: list[int],
+) -> list[tuple[tuple[float, float, int, int], int, int, int]]:
+    """`(score key, top_k, num_experts, width)` of every candidate, scored on bilinear fits of the quantities.
+
+    Every quantity is bilinear in (experts E, width I), so four evaluations per top-k give exact fits; for fixed E the
+    relative errors are affine in I and the worst selected one is minimised where two of them cancel.
+    """
     targets = _quantities(reference, context_length)
-    scored: list[tuple[tuple[float, float, int, int], int, int, int]] = []
-    candidates = 0
-    w = width_multiple
+    scored = []
     for top_k in top_k_choices:
         if not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top-k choices must be integers >= 1, got {top_k!r}")
@@ -365,16 +398,17 @@ def balance_looped_config(
                 overall = max(abs(p + q * width) for p, q in every)  # tie-break: closest on all four
                 key = (worst, overall, abs(num_experts - reference.num_experts), width)
                 scored.append((key, top_k, num_experts, width))
-                candidates += 1
-    if not scored:
-        raise ValueError(f"no (experts, width) candidate for layout {layout}")
-    scored.sort()
+    return sorted(scored)
 
-    # Check the fitted winners exactly with freshly built (validated) configs.
+
+def _best_exact(
+    reference: LoopedMoeConfig, fields: dict[str, Any], scored: list, context_length: int, match: tuple[str, ...]
+) -> BalanceResult:
+    """The best of the fitted winners, checked exactly with freshly built (validated) configs."""
     best = None
     for _, top_k, num_experts, width in scored[:8]:
-        config = config_class(**{**fields, "num_experts": num_experts, "num_experts_per_tok": top_k,
-                                 "moe_intermediate_size": width})
+        config = type(reference)(**{**fields, "num_experts": num_experts, "num_experts_per_tok": top_k,
+                                    "moe_intermediate_size": width})
         result = BalanceResult(
             reference=reference,
             config=config,
@@ -384,23 +418,13 @@ def balance_looped_config(
             active_parameters_error=_relative(config.num_active_parameters(), reference.num_active_parameters()),
             ratio_error=_relative(config.attention_to_ffn_ratio(), reference.attention_to_ffn_ratio()),
             context_length=context_length,
-            candidates=candidates,
+            candidates=len(scored),
             matched=match,
         )
         key = (result.max_error, max(abs(e) for e in result.errors.values()))
         if best is None or key < best[0]:
             best = (key, result)
-    result = best[1]
-    if tolerance is not None and not result.within(tolerance):
-        raise ValueError(
-            f"layout {layout}: best match of {', '.join(match)} misses the tolerance {tolerance:.2%}: total parameters "
-            f"{result.total_parameters_error:+.3%}, FLOPs {result.flops_error:+.3%}, "
-            f"active parameters {result.active_parameters_error:+.3%}, "
-            f"attention:FFN {result.ratio_error:+.3%}"
-        )
-    if print_table:
-        print(format_balance_table(result))
-    return result
+    return best[1]
 
 
 def balance_table_rows(result: BalanceResult) -> list[tuple[str, str, str, str]]:

@@ -256,32 +256,10 @@ def adaptive_decode_step(
     for loop_idx in range(num_loops):
         rows_mask = _rows_of(causal_mask, active, batch_size)
         rows_embeddings = (_rows_of(cos, active, batch_size), _rows_of(sin, active, batch_size))
-        current_rows = active
-
-        def stage(depth_step, key_states, value_states, rows=current_rows):
-            staging.put(depth_step, rows, batch_size, key_states, value_states)
-
-        view = StagedCacheView(cache, current_rows if len(current_rows) < batch_size else None, stage)
-        for offset in range(config.num_loop_layers):
-            states = model.run_depth_step(
-                states, config.loop_depth_step(loop_idx, offset), loop_input=loop_inputs,
-                attention_mask=rows_mask, position_embeddings=rows_embeddings, cache=view,
-            )
-        coda_staging = _Staging()
-
-        def stage_coda(depth_step, key_states, value_states, rows=current_rows):
-            coda_staging.put(depth_step, torch.arange(len(rows), device=rows.device), len(rows), key_states,
-                             value_states)
-
-        coda_view = StagedCacheView(cache, view.rows, stage_coda)
-        exit_states = states
-        with no_output_capture():
-            for depth_step in model.coda_steps():
-                exit_states = model.run_depth_step(
-                    exit_states, depth_step, attention_mask=rows_mask, position_embeddings=rows_embeddings,
-                    cache=coda_view,
-                )
-            logits = settings.lm_head(model.norm(exit_states))[:, -1]
+        states = _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mask, rows_embeddings,
+                           cache, staging)
+        logits, coda_staging = _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings, cache,
+                                               settings.lm_head)
         if final_logits is None:
             final_logits = logits.new_zeros((batch_size, logits.shape[-1]))
         fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
@@ -290,7 +268,7 @@ def adaptive_decode_step(
         exited = active[fires]
         final_logits[exited] = logits[fires]
         exit_loops[exited] = loop_idx + 1
-        for depth_step in coda_staging.keys:
+        for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
             staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][fires],
                         coda_staging.values[depth_step][fires])
         if loop_idx < config.num_loops - 1 and len(exited) > 0:
@@ -303,6 +281,41 @@ def adaptive_decode_step(
             break
     staging.commit(cache)
     return final_logits[:, None, :], exit_loops
+
+
+def _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mask, rows_embeddings, cache,
+              staging: _Staging) -> torch.Tensor:
+    """Loop `loop_idx` for the `active` rows, attending through the cache and staging their keys/values."""
+    config = model.config
+
+    def stage(depth_step, key_states, value_states):
+        staging.put(depth_step, active, batch_size, key_states, value_states)
+
+    view = StagedCacheView(cache, active if len(active) < batch_size else None, stage)
+    for offset in range(config.num_loop_layers):
+        states = model.run_depth_step(
+            states, config.loop_depth_step(loop_idx, offset), loop_input=loop_inputs,
+            attention_mask=rows_mask, position_embeddings=rows_embeddings, cache=view,
+        )
+    return states
+
+
+def _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings, cache, lm_head):
+    """The exit logits `[rows, vocab]` of the `active` rows at a loop boundary (coda, final norm, head), with the
+    coda's keys/values staged per row in a `_Staging` of their own (kept only for the rows that exit here)."""
+    coda_staging = _Staging()
+
+    def stage_coda(depth_step, key_states, value_states):
+        coda_staging.put(depth_step, torch.arange(len(active), device=active.device), len(active), key_states,
+                         value_states)
+
+    coda_view = StagedCacheView(cache, active if len(active) < batch_size else None, stage_coda)
+    with no_output_capture():
+        for depth_step in model.coda_steps():
+            states = model.run_depth_step(states, depth_step, attention_mask=rows_mask,
+                                          position_embeddings=rows_embeddings, cache=coda_view)
+        logits = lm_head(model.norm(states))[:, -1]
+    return logits, coda_staging
 
 
 class _KeyValueOverride:

@@ -45,6 +45,39 @@ def _crop(cache: DynamicCache, depth_steps: list[int], tokens: int) -> None:
             cache.layers[depth_step].crop(-tokens)
 
 
+def _draft(model, token: torch.LongTensor, cache: DynamicCache, draft_loops: int, budget: int):
+    """`budget` greedy draft tokens from loops 1..`draft_loops` (then coda and head), writing the cache.
+
+    Returns:
+        `(drafts [1, budget], loop-boundary states [1, budget, hidden], loop-block inputs [1, budget, hidden])`.
+    """
+    drafts, draft_states, loop_inputs = [], [], []
+    for _ in range(budget):
+        out = model.model(token, cache=cache, use_cache=True, exit_loop=draft_loops, output_loop_hidden_states=True)
+        draft_states.append(out.loop_hidden_states[-1])
+        loop_inputs.append(out.loop_input)
+        token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+        drafts.append(token)
+    return torch.cat(drafts, dim=1), torch.cat(draft_states, dim=1), torch.cat(loop_inputs, dim=1)
+
+
+def _verify(model, hidden_states, loop_input, cache: DynamicCache, draft_loops: int, start_length: int):
+    """Full-depth greedy predictions after each fed token, `[1, budget]`: the loops after the draft loops and the
+    coda for every draft in one forward, reusing the cached keys/values of the prelude and the draft loops."""
+    base, config = model.model, model.config
+    budget = hidden_states.shape[1]
+    _crop(cache, base.coda_steps(), budget)  # the draft path's coda entries
+    resume_step = config.loop_end(draft_loops)
+    position_ids = torch.arange(start_length, start_length + budget, device=hidden_states.device)[None]
+    causal_mask = create_causal_mask(config, hidden_states, None, cache, position_ids, layer_idx=resume_step)
+    position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
+    for depth_step in range(resume_step, config.num_hidden_layers):
+        hidden_states = base.run_depth_step(hidden_states, depth_step, loop_input=loop_input,
+                                            attention_mask=causal_mask, position_embeddings=position_embeddings,
+                                            cache=cache)
+    return model.lm_head(base.norm(hidden_states)).argmax(-1)
+
+
 @torch.no_grad()
 def self_speculative_generate(
     model,
@@ -77,11 +110,6 @@ def self_speculative_generate(
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
-    base = model.model
-    resume_step = config.loop_end(draft_loops)
-    coda_steps = base.coda_steps()
-    verify_steps = list(range(resume_step, config.num_hidden_layers))
-
     cache = DynamicCache(config=config)
     logits = model(input_ids, cache=cache, use_cache=True, exit_loop=config.num_loops).logits
     next_token = logits[:, -1].argmax(-1, keepdim=True)
@@ -91,38 +119,19 @@ def self_speculative_generate(
         rounds += 1
         budget = min(num_draft_tokens, max_new_tokens - len(generated))
         start_length = cache.get_seq_length()
-        drafts, draft_states, loop_inputs, token = [], [], [], next_token
-        for _ in range(budget):
-            out = base(token, cache=cache, use_cache=True, exit_loop=draft_loops,
-                       output_loop_hidden_states=True)
-            draft_states.append(out.loop_hidden_states[-1])
-            loop_inputs.append(out.loop_input)
-            token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
-            drafts.append(token)
+        draft_row, draft_states, loop_input = _draft(model, next_token, cache, draft_loops, budget)
         drafted += budget
-        # Verification: loops after the draft loops and the coda, for every fed token, in one forward.
-        _crop(cache, coda_steps, budget)
-        hidden_states = torch.cat(draft_states, dim=1)
-        position_ids = torch.arange(start_length, start_length + budget, device=hidden_states.device)[None]
-        causal_mask = create_causal_mask(config, hidden_states, None, cache, position_ids, layer_idx=resume_step)
-        position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
-        loop_input = torch.cat(loop_inputs, dim=1)
-        for depth_step in verify_steps:
-            hidden_states = base.run_depth_step(hidden_states, depth_step, loop_input=loop_input, attention_mask=causal_mask,
-                                                position_embeddings=position_embeddings, cache=cache)
-        verified = model.lm_head(base.norm(hidden_states)).argmax(-1)  # [1, budget]: prediction after each fed token
-        draft_row = torch.cat(drafts, dim=1)
+        verified = _verify(model, draft_states, loop_input, cache, draft_loops, start_length)
         matches = (verified == draft_row)[0].long()
         num_accepted = int(matches.cumprod(0).sum())
         accepted += num_accepted
         if num_accepted == budget:
-            new_tokens, next_token = draft_row, draft_row[:, -1:]
+            new_tokens = draft_row
         else:
             correction = verified[:, num_accepted : num_accepted + 1]
             new_tokens = torch.cat([draft_row[:, :num_accepted], correction], dim=1)
             # Fed tokens after the last accepted draft were computed on a wrong prefix.
             _crop(cache, list(range(config.num_hidden_layers)), budget - num_accepted - 1)
-            next_token = correction
         for position in range(new_tokens.shape[1]):
             generated.append(new_tokens[:, position : position + 1])
             if generated[-1].item() in eos_ids or len(generated) == max_new_tokens:

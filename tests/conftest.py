@@ -1,4 +1,5 @@
-"""Shared fixtures: small random configs, deterministic seeds, fp32 on CPU."""
+"""Shared fixtures and helpers: small random configs, deterministic seeds, fp32 on CPU, child processes, and the
+conversion tests' source checkpoints. Test modules import helpers from here only, never from each other."""
 
 from __future__ import annotations
 
@@ -10,9 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
-from modeling_looped_moe import LoopedMoeConfig
+from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
+from modeling_looped_moe.conversion.families import SUPPORTED_MODEL_TYPES
+from modeling_looped_moe.conversion.pipeline import ConversionOptions, convert_checkpoint
+from modeling_looped_moe.conversion.source import SourceCheckpoint
+from modeling_looped_moe.conversion.tying import bank_groups
 
 
 # Tiny models run faster on one thread than on two contended ones, and results do not depend on timing.
@@ -130,3 +146,203 @@ def small_config(**overrides) -> LoopedMoeConfig:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion tests: small random source checkpoints of every family, native looped models, and their helpers
+# ----------------------------------------------------------------------------------------------------------------
+FAMILIES = SUPPORTED_MODEL_TYPES
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 64
+NUM_EXPERTS = 4
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small experts route every token through "
+         "layers of tied banks and loops").split()
+
+
+def family_model(family: str, num_layers: int = 4, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small random transformers MoE causal LM of `family` with decisive (std 0.2) weights, in eval mode.
+
+    Qwen2-MoE keeps its default q/k/v bias and has a gated shared expert; Qwen3-MoE has a dense layer
+    (`mlp_only_layers=[2]`) between MoE layers. `overrides` change the shared config fields.
+    """
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=num_layers, max_position_embeddings=128, num_experts_per_tok=2,
+                  pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    common.update(overrides)
+    if family == "mixtral":
+        model_class, config = MixtralForCausalLM, MixtralConfig(**common, head_dim=8, num_local_experts=NUM_EXPERTS,
+                                                                intermediate_size=16)
+    elif family == "qwen2_moe":
+        model_class, config = Qwen2MoeForCausalLM, Qwen2MoeConfig(
+            **common, num_experts=NUM_EXPERTS, moe_intermediate_size=16, intermediate_size=48,
+            shared_expert_intermediate_size=24, norm_topk_prob=False)
+    elif family == "qwen3_moe":
+        model_class, config = Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            **common, head_dim=8, num_experts=NUM_EXPERTS, moe_intermediate_size=16, intermediate_size=48,
+            norm_topk_prob=True, mlp_only_layers=[2])
+    elif family == "olmoe":
+        model_class, config = OlmoeForCausalLM, OlmoeConfig(**common, num_experts=NUM_EXPERTS, intermediate_size=16,
+                                                            norm_topk_prob=False)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.2)
+            else:
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def moe_block(model: torch.nn.Module, layer_idx: int) -> torch.nn.Module:
+    """The sparse MoE block of a transformers model's layer (router `.gate`, fused `.experts`)."""
+    return model.model.layers[layer_idx].mlp
+
+
+def make_permuted_copies(model: torch.nn.Module, groups: list[list[int]], seed: int = 1) -> None:
+    """Makes every layer of each group hold a random permutation of the group's first layer's experts."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in groups:
+            reference = moe_block(model, group[0]).experts
+            for layer_idx in group[1:]:
+                permutation = torch.randperm(NUM_EXPERTS, generator=generator)
+                assert not torch.equal(permutation, torch.arange(NUM_EXPERTS))
+                experts = moe_block(model, layer_idx).experts
+                experts.gate_up_proj.copy_(reference.gate_up_proj[permutation])
+                experts.down_proj.copy_(reference.down_proj[permutation])
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A tiny word-level tokenizer (built locally with `tokenizers`) saved into `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+
+
+def save_source(model: torch.nn.Module, folder: Path, fused: bool = False, sharded: bool = False,
+                dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Path:
+    """Saves `model` as a Hub-style checkpoint: per-expert (default) or fused keys, one file or sharded."""
+    to_save = model if dtype == torch.float32 else model.to(dtype)
+    kwargs = dict(save_original_format=not fused)
+    if sharded:
+        kwargs["max_shard_size"] = "60KB"
+    to_save.save_pretrained(str(folder), **kwargs)
+    if dtype != torch.float32:
+        model.float()
+    if tokenizer:
+        save_tokenizer(folder)
+    return folder
+
+
+def convert(source: Path, output: Path | None, **options) -> dict:
+    """`convert_checkpoint` without a progress bar or log output."""
+    options.setdefault("progress", False)
+    return convert_checkpoint(source, output, ConversionOptions(**options), log=lambda *args: None)
+
+
+def tied_groups(source: Path, **tying) -> list[list[int]]:
+    """The tying groups (layers sharing a bank, more than one) a conversion of `source` would use."""
+    from modeling_looped_moe.conversion.families import build_looped_config
+
+    config = build_looped_config(SourceCheckpoint(source).config_fields, **tying)
+    return [layers for layers in bank_groups(config).values() if len(layers) > 1]
+
+
+def source_groups(family: str, num_layers: int, **tying) -> list[list[int]]:
+    """Tying groups for a family model, computed from a throw-away saved copy (no weights needed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_source(family_model(family, num_layers), Path(folder), tokenizer=False)
+        return tied_groups(Path(folder), **tying)
+
+
+def random_ids(batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
+    """Random non-special token ids."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits."""
+    return model(input_ids).logits.float()
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 8) -> torch.Tensor:
+    """Greedy continuation (new tokens only)."""
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=PAD)
+    return output[:, input_ids.shape[1]:]
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Temporary folders a conversion into `parent / name` may have left behind."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def load_cli():
+    """The conversion command's module (`looped-moe-convert`)."""
+    from modeling_looped_moe.conversion import command
+
+    return command
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Runs each conversion test on one torch thread (restored afterwards): the models are tiny, and several threads
+    on small ops slow down sharply when other processes share the two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+NUM_LAYERS = 6
+
+
+def tying(family: str) -> tuple[dict, dict]:
+    """Config fields and conversion options of the tying tests: groups of 2 between one first and one last untied
+    MoE layer (Qwen3-MoE, whose layer 2 is dense, has 5 MoE layers and no last anchor, so a group spans layer 2)."""
+    last = 0 if family == "qwen3_moe" else 1
+    fields = dict(expert_tying_group_size=2, num_untied_first_layers=1, num_untied_last_layers=last)
+    options = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=last)
+    return fields, options
+
+
+# Four MoE layers between one untied first and one untied last layer: two groups of two at G = 2.
+TYING = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
+TYING_FIELDS = dict(expert_tying_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
+LAYOUTS = {
+    "plain": dict(num_prelude_layers=0, num_loop_layers=6, num_loops=1, num_coda_layers=0),
+    "looped": dict(num_prelude_layers=1, num_loop_layers=4, num_loops=2, num_coda_layers=1, per_loop_router=True,
+                   loop_conditioning="embedding"),
+}
+
+
+def native_model(layout: str, seed: int = 0, **overrides) -> LoopedMoeForCausalLM:
+    """A small random `LoopedMoeForCausalLM` (`small_config` with the layout) with decisive (std 0.2) weights, in
+    eval mode."""
+    torch.manual_seed(seed)
+    model = LoopedMoeForCausalLM(small_config(num_experts=NUM_EXPERTS, **{**LAYOUTS[layout], **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    return model.eval()
+
+
+def save_native(model: LoopedMoeForCausalLM, folder: Path) -> Path:
+    """`save_pretrained` plus a tokenizer, as a training run leaves a model folder."""
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder

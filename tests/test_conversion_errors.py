@@ -14,15 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAMILIES, family_model, leftovers, load_cli, save_source
 
-from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    FAMILIES,
-    family_model,
-    leftovers,
-    load_cli,
-    one_torch_thread,
-    save_source,
-)
 
 
 EXPERT_WIDTH_FIELD = {"mixtral": "intermediate_size", "olmoe": "intermediate_size",

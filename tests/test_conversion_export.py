@@ -12,22 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-
-from modeling_looped_moe.conversion.families import family_model_class, get_family
-from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    ATOL,
+from conftest import (
+    FP32_ATOL,
     FAMILIES,
+    NUM_LAYERS,
     convert,
     family_model,
     greedy,
     logits,
-    one_torch_thread,
     random_ids,
     save_source,
+    tying,
 )
-from test_conversion_tying import NUM_LAYERS, tying
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from modeling_looped_moe.conversion.families import family_model_class, get_family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,7 +48,7 @@ def test_round_trip_source_tied_exported(family: str, tmp_path: Path):
     for folder in ("exported", "direct"):
         exported = model_class.from_pretrained(tmp_path / folder).eval()
         assert type(exported) is model_class
-        torch.testing.assert_close(logits(exported, input_ids), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits(exported, input_ids), expected, atol=FP32_ATOL, rtol=0)
         assert torch.equal(greedy(exported, input_ids), greedy(tied, input_ids))
         assert json.loads((tmp_path / folder / "config.json").read_text())["model_type"] == family
         assert (tmp_path / folder / "tokenizer.json").is_file()
@@ -95,6 +95,6 @@ def test_tying_an_imported_folder_in_a_second_run_keeps_the_family(tmp_path: Pat
     one_run = AutoModelForCausalLM.from_pretrained(tmp_path / "one_run").eval()
     two_runs = AutoModelForCausalLM.from_pretrained(tmp_path / "two_runs").eval()
     assert two_runs.config.num_expert_banks == one_run.config.num_expert_banks
-    torch.testing.assert_close(logits(two_runs, input_ids), logits(one_run, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(two_runs, input_ids), logits(one_run, input_ids), atol=FP32_ATOL, rtol=0)
     exported = family_model_class(get_family(family)).from_pretrained(tmp_path / "exported").eval()
-    torch.testing.assert_close(logits(exported, input_ids), logits(one_run, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(exported, input_ids), logits(one_run, input_ids), atol=FP32_ATOL, rtol=0)

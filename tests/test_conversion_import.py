@@ -15,21 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FP32_ATOL, FAMILIES, convert, family_model, greedy, load_cli, logits, random_ids, save_source
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_looped_moe import LoopedMoeForCausalLM
-from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    ATOL,
-    FAMILIES,
-    convert,
-    family_model,
-    greedy,
-    logits,
-    one_torch_thread,
-    random_ids,
-    save_source,
-)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per_expert", "fused"])
@@ -48,7 +38,7 @@ def test_lossless_import(family: str, fused: bool, tmp_path: Path):
         (0, source_model.config.num_hidden_layers, 1, 0)
     assert config.num_expert_banks == len(config.moe_layers)
     input_ids = random_ids()
-    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=FP32_ATOL, rtol=0)
     assert torch.equal(greedy(model, input_ids), greedy(source_model, input_ids))
 
     errors = [row["moe_rel_error"] for row in report["layers"] if isinstance(row["layer"], int)]
@@ -129,7 +119,6 @@ def test_dry_run_prints_a_table_and_writes_nothing(tmp_path: Path, capsys):
     """`--dry-run` prints layers, banks, parameters and bytes before/after and creates no folder."""
     source = save_source(family_model("qwen2_moe", num_layers=6), tmp_path / "source")
     before = sorted(p.name for p in tmp_path.iterdir())
-    from test_conversion_common import load_cli
 
     status = load_cli().main(["--source", str(source), "--output", str(tmp_path / "out"), "--dry-run",
                               "--tie-group-size", "2", "--num-untied-first-layers", "1",
@@ -155,7 +144,7 @@ def test_tied_word_embeddings(to_source_format: bool, tmp_path: Path):
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
         assert "lm_head.weight" not in set(handle.keys())
     input_ids = random_ids()
-    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=FP32_ATOL, rtol=0)
 
 
 def test_qwen2_moe_sparse_step_dense_layers(tmp_path: Path):
@@ -166,7 +155,7 @@ def test_qwen2_moe_sparse_step_dense_layers(tmp_path: Path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert model.config.mlp_only_layers == [0, 2] and model.config.moe_layers == [1, 3]
     input_ids = random_ids()
-    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), logits(source_model, input_ids), atol=FP32_ATOL, rtol=0)
 
 
 def test_converted_folder_loads_with_remote_code(tmp_path: Path):
@@ -189,4 +178,4 @@ def test_converted_folder_loads_with_remote_code(tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=FP32_ATOL, rtol=0)

@@ -15,41 +15,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import small_config
-from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    ATOL,
+from conftest import (
+    FP32_ATOL,
+    LAYOUTS,
     NUM_EXPERTS,
+    TYING,
+    TYING_FIELDS,
     convert,
     greedy,
     load_cli,
     logits,
+    native_model,
     random_ids,
-    save_tokenizer,
+    save_native,
+    small_config,
 )
 
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.conversion.families import ConversionError
 from modeling_looped_moe.conversion.tying import bank_groups
-
-# Four MoE layers between one untied first and one untied last layer: two groups of two at G = 2.
-TYING = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
-TYING_FIELDS = dict(expert_tying_group_size=2, num_untied_first_layers=1, num_untied_last_layers=1)
-LAYOUTS = {
-    "plain": dict(num_prelude_layers=0, num_loop_layers=6, num_loops=1, num_coda_layers=0),
-    "looped": dict(num_prelude_layers=1, num_loop_layers=4, num_loops=2, num_coda_layers=1, per_loop_router=True,
-                   loop_conditioning="embedding"),
-}
-
-
-def native_model(layout: str, seed: int = 0, **overrides) -> LoopedMoeForCausalLM:
-    """A small random `LoopedMoeForCausalLM` (`small_config` with the layout) with decisive (std 0.2) weights, in
-    eval mode."""
-    torch.manual_seed(seed)
-    model = LoopedMoeForCausalLM(small_config(num_experts=NUM_EXPERTS, **{**LAYOUTS[layout], **overrides}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
-    return model.eval()
 
 
 def tying_groups(layout: str) -> list[list[int]]:
@@ -76,13 +60,6 @@ def plant_permuted_copies(model: LoopedMoeForCausalLM, groups: list[list[int]], 
                 bank_of(model, layer_idx).down_proj.copy_(reference.down_proj[permutation])
 
 
-def save_native(model: LoopedMoeForCausalLM, folder: Path) -> Path:
-    """`save_pretrained` plus a tokenizer, as a training run leaves a model folder."""
-    model.save_pretrained(folder)
-    save_tokenizer(folder)
-    return folder
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_aligned_tying_of_a_native_model_keeps_its_function(layout: str, tmp_path: Path):
     """Permuted copies are tied losslessly by `aligned`: same logits and greedy tokens, fewer banks; `average` of the
@@ -100,7 +77,7 @@ def test_aligned_tying_of_a_native_model_keeps_its_function(layout: str, tmp_pat
     assert tied.config.num_expert_banks == model.config.num_expert_banks - len(groups)
     assert (tied.config.num_loops, tied.config.per_loop_router, tied.config.loop_conditioning) == (
         model.config.num_loops, model.config.per_loop_router, model.config.loop_conditioning)
-    torch.testing.assert_close(logits(tied, input_ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(tied, input_ids), expected, atol=FP32_ATOL, rtol=0)
     assert torch.equal(greedy(tied, input_ids), greedy(model, input_ids))
     for group in groups:
         assert report["permutations"][str(group[1])] != list(range(NUM_EXPERTS))
@@ -132,7 +109,7 @@ def test_select_tying_equals_the_source_with_each_group_given_its_first_bank(tmp
                 bank_of(model, layer_idx).gate_up_proj.copy_(bank_of(model, group[0]).gate_up_proj)
                 bank_of(model, layer_idx).down_proj.copy_(bank_of(model, group[0]).down_proj)
     input_ids = random_ids()
-    torch.testing.assert_close(logits(selected, input_ids), logits(model, input_ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(selected, input_ids), logits(model, input_ids), atol=FP32_ATOL, rtol=0)
     assert sum(p.numel() for p in selected.parameters()) == selected.config.num_total_parameters()
     assert selected.config.num_total_parameters() < model.config.num_total_parameters()
 

@@ -12,36 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-
-from test_conversion_common import (  # noqa: F401  (one_torch_thread is an autouse fixture)
-    ATOL,
+from conftest import (
     FAMILIES,
+    FP32_ATOL,
     NUM_EXPERTS,
+    NUM_LAYERS,
     convert,
     family_model,
     greedy,
     logits,
     make_permuted_copies,
     moe_block,
-    one_torch_thread,
     random_ids,
     save_source,
     source_groups,
+    tying,
 )
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-
-NUM_LAYERS = 6
-
-
-def tying(family: str) -> tuple[dict, dict]:
-    """Config fields and conversion options of the tying tests: groups of 2 between one first and one last untied
-    MoE layer (Qwen3-MoE, whose layer 2 is dense, has 5 MoE layers and no last anchor, so a group spans layer 2)."""
-    last = 0 if family == "qwen3_moe" else 1
-    fields = dict(expert_tying_group_size=2, num_untied_first_layers=1, num_untied_last_layers=last)
-    options = dict(tie_group_size=2, num_untied_first_layers=1, num_untied_last_layers=last)
-    return fields, options
 
 
 def bank_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +54,7 @@ def test_aligned_recovers_permuted_copies_and_average_does_not(family: str, tmp_
     aligned_report = convert(source, tmp_path / "aligned", tie_method="aligned", **options)
     aligned = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned").eval()
     assert aligned.config.num_expert_banks == len(aligned.config.moe_layers) - len(groups)
-    torch.testing.assert_close(logits(aligned, input_ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(aligned, input_ids), expected, atol=FP32_ATOL, rtol=0)
     assert torch.equal(greedy(aligned, input_ids), greedy(source_model, input_ids))
     errors = {row["layer"]: row["moe_rel_error"] for row in aligned_report["layers"] if isinstance(row["layer"], int)}
     assert max(e for e in errors.values() if e is not None) < 1e-6

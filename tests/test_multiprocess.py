@@ -53,13 +53,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               "--torch_num_threads", "1", "--disable_tqdm", "true", "--eval_fraction", "0",
               "--tokenizer_vocab_size", "512", "--use_cpu", "true"]
     one, two = root / "one", root / "two"
-    _run([sys.executable, "-m", "modeling_looped_moe.training", *common, "--per_device_train_batch_size", "4", "--output_dir", str(one)],
-         root / "one.log")
+    train = ["-m", "modeling_looped_moe.training", *common]
+    _run([sys.executable, *train, "--per_device_train_batch_size", "4", "--output_dir", str(one)], root / "one.log")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
-    _run([*launch, "-m", "modeling_looped_moe.training", *common, "--per_device_train_batch_size", "2", "--output_dir", str(two)],
-         root / "two.log")
+    _run([*launch, *train, "--per_device_train_batch_size", "2", "--output_dir", str(two)], root / "two.log")
     return {"one": one, "two": two, "two_log": root / "two.log"}
 
 

@@ -1,6 +1,6 @@
-"""Helpers of the reproduction scripts (`experiments/reproduce_small.py`, `experiments/posthoc_tying.py`) that decide what
-is measured: the out-of-domain text extraction and the expert-free control model. The scripts' full runs need the
-KJV, the BLiMP data and minutes of training, so they are not part of the default suite."""
+"""Helpers of the reproductions (`experiments/common.py`, `experiments/posthoc_tying.py`) that decide what is
+measured: the out-of-domain text extraction and the expert-free control model. The full runs need the KJV, the BLiMP
+data and minutes of training, so they are not part of the default suite."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import native_model, save_native
 
-from test_conversion_native import native_model, save_native
 
 
 def test_devils_dictionary_text_drops_the_dictd_header_and_alphabet(tmp_path: Path):

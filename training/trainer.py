@@ -177,7 +177,7 @@ class _WallClockLimit(TrainerCallback):
         self.start = time.perf_counter()
         if state.is_world_process_zero and not args.disable_tqdm:
             self.bar = tqdm(total=round(self.seconds), desc="training", unit="s",
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = time.perf_counter() - self.start
