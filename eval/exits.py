@@ -114,10 +114,9 @@ def looped_exit_flops(config: Any, exit_loop: int, adaptive: bool = False, conte
 def boundary_scoring_flops(config: Any, context_length: int | None = None) -> float:
     """FLOPs per token of scoring one loop boundary: the coda layers, the final norm (ignored) and the LM head."""
     context_length = default_context_length(config) if context_length is None else context_length
-    coda_start = config.num_prelude_layers + config.num_loop_layers
     flops = 2.0 * config.vocab_size * config.hidden_size
-    for layer_idx in range(coda_start, coda_start + config.num_coda_layers):
-        flops += 2.0 * (config._attention_parameters() + config._ffn_active_parameters(layer_idx))
+    for layer_idx, _ in config.depth_schedule()[config.coda_start:]:
+        flops += 2.0 * (config.attention_parameters() + config.ffn_active_parameters(layer_idx))
         flops += 4.0 * config.num_attention_heads * config.head_dim * context_length
     return flops
 
@@ -138,8 +137,7 @@ def looped_relative_flops(config: Any, exit_loop_counts: dict[int, int] | None =
 
 def looped_relative_depth(config: Any, exit_loop: float) -> float:
     """Depth steps applied (prelude, `exit_loop` loops, coda) over all depth steps; `exit_loop` may be a mean."""
-    used = config.num_prelude_layers + exit_loop * config.num_loop_layers + config.num_coda_layers
-    return used / config.num_hidden_layers
+    return config.depth_steps_run(exit_loop) / config.num_hidden_layers
 
 
 @contextmanager

@@ -84,8 +84,7 @@ def adaptive_token_losses(model, blocks: torch.Tensor, batch_size: int = 16, pro
 
 def depth_fraction(config, loops_run: torch.Tensor) -> torch.Tensor:
     """Fraction of the depth steps a token runs when it leaves after `loops_run` loops (coda counted once)."""
-    steps = config.num_prelude_layers + loops_run * config.num_loop_layers + config.num_coda_layers
-    return steps / config.num_hidden_layers
+    return config.depth_steps_run(loops_run) / config.num_hidden_layers
 
 
 def per_loop_perplexity(config, nll: torch.Tensor) -> list[dict[str, float]]:

@@ -134,7 +134,7 @@ def run_model(job: dict) -> dict:
         "loop_conditioning": config.loop_conditioning,
         "stored_parameters": config.num_total_parameters(),
         "active_parameters_per_token": config.num_active_parameters(),
-        "active_non_embedding_parameters_per_token": config.num_active_parameters() - config._embedding_parameters(),
+        "active_non_embedding_parameters_per_token": config.num_active_parameters() - config.embedding_parameters(),
         "steps": steps,
         "train_tokens": steps * batch_size * args["block_size"],
         "train_seconds": train_seconds,

@@ -402,7 +402,8 @@ class LoopedMoeConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------------
     # Accounting
     # ----------------------------------------------------------------------------------------------------------
-    def _attention_parameters(self) -> int:
+    def attention_parameters(self) -> int:
+        """Parameters of one attention sub-layer (projections, q/k norms, the two pre-norms excluded)."""
         hidden, q_width, kv_width = self.hidden_size, self.num_attention_heads * self.head_dim, \
             self.num_key_value_heads * self.head_dim
         params = 2 * hidden * q_width + 2 * hidden * kv_width
@@ -423,7 +424,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         params = 3 * self.hidden_size * self.shared_expert_intermediate_size * self.num_shared_experts
         return params + (self.hidden_size if self.shared_expert_gate and self.num_shared_experts else 0)
 
-    def _ffn_active_parameters(self, layer_idx: int) -> int:
+    def ffn_active_parameters(self, layer_idx: int) -> int:
         """FFN parameters applied to one token in one application of unique layer `layer_idx`."""
         if not self.is_moe_layer(layer_idx):
             return 3 * self.hidden_size * self.intermediate_size
@@ -445,14 +446,15 @@ class LoopedMoeConfig(PreTrainedConfig):
             return code_dim * hidden + hidden + hidden * rank + rank + self.num_loop_layers * self._adaln_parameters()
         return 0
 
-    def _embedding_parameters(self) -> int:
+    def embedding_parameters(self) -> int:
+        """Parameters of the token embedding, the LM head (unless tied) and the final norm."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
     def num_total_parameters(self) -> int:
         """Stored parameters of [`LoopedMoeForCausalLM`] (each expert bank counted once)."""
-        total = self._embedding_parameters()
+        total = self.embedding_parameters()
         for layer_idx in range(self.num_unique_layers):
-            total += self._attention_parameters() + 2 * self.hidden_size
+            total += self.attention_parameters() + 2 * self.hidden_size
             if self.is_moe_layer(layer_idx):
                 total += self.num_routers(layer_idx) * self.num_experts * self.hidden_size + self._shared_parameters()
             else:
@@ -467,10 +469,10 @@ class LoopedMoeConfig(PreTrainedConfig):
             count_loops (`bool`, defaults to `True`): Count the loop block once per loop (compute-matched, as the
                 papers compare looped and non-looped models). With `False`, each unique layer counts once.
         """
-        active = self._embedding_parameters()
+        active = self.embedding_parameters()
         layers = [idx for idx, _ in self.depth_schedule()] if count_loops else range(self.num_unique_layers)
         for layer_idx in layers:
-            active += self._attention_parameters() + 2 * self.hidden_size + self._ffn_active_parameters(layer_idx)
+            active += self.attention_parameters() + 2 * self.hidden_size + self.ffn_active_parameters(layer_idx)
             if self.is_loop_layer(layer_idx):
                 active += self._adaln_parameters()
         return active
@@ -478,8 +480,8 @@ class LoopedMoeConfig(PreTrainedConfig):
     def attention_to_ffn_ratio(self) -> float:
         """Active attention parameters over active FFN parameters (routers, top-k experts, shared experts)."""
         schedule = [idx for idx, _ in self.depth_schedule()]
-        attention = len(schedule) * self._attention_parameters()
-        ffn = sum(self._ffn_active_parameters(idx) for idx in schedule)
+        attention = len(schedule) * self.attention_parameters()
+        ffn = sum(self.ffn_active_parameters(idx) for idx in schedule)
         return attention / ffn
 
     def forward_flops_per_token(self, context_length: int = 2048) -> float:
