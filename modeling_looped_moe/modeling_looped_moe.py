@@ -1,7 +1,5 @@
 """PyTorch looped Mixture-of-Experts decoder with expert banks shared across layers and loops."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -288,6 +288,18 @@ def test_chunked_prefill_matches_full_forward(name):
     assert_full_cache(output_cache(second), model.config, 8)
 
 
+def test_forward_return_annotations_are_the_output_classes():
+    """transformers' output machinery and common tests read `forward`'s return annotation: it must be the output class
+    (not a postponed string), and the causal LM's must declare `router_logits`."""
+    import inspect
+
+    causal_lm = inspect.signature(LoopedMoeForCausalLM.forward).return_annotation
+    base = inspect.signature(LoopedMoeModel.forward).return_annotation
+    assert isinstance(causal_lm, type) and isinstance(base, type)
+    assert {"router_logits", "aux_loss", "logits"} <= set(causal_lm.__dataclass_fields__)
+    assert "router_logits" in base.__dataclass_fields__
+
+
 @pytest.mark.parametrize("per_loop_router", [False, True])
 def test_router_logits_and_hidden_states_per_depth_step(per_loop_router):
     """Router logits are recorded once per MoE depth step, hidden states once per depth step plus the embeddings."""
