@@ -1,6 +1,6 @@
 """A small fully looped MoE and a wall-clock-budgeted training loop, shared by benchmarks and eval scripts.
 
-For real training runs use the Trainer-based command (`scripts/train.py`, `training_looped_moe`).
+For real training runs use the Trainer-based command (`looped-moe-train`, `training/trainer.py`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ The pieces, each usable on its own:
 - [`LoopedMoeTrainer`]: a `Trainer` using both, logging `tokens_per_second`, the router losses and the mean loop
   count, and keeping the router losses correctly weighted when the Trainer normalises the language-model loss by the
   number of tokens across processes and accumulation steps.
-- [`run_training`]: data, tokenizer, model, Trainer and saving, as the `scripts/train.py` command does it.
+- [`run_training`]: data, tokenizer, model, Trainer and saving, as the `looped-moe-train` command does it.
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def run_training(data_args, training_args: TrainingArguments) -> TrainResult:
     process trains the tokenizer first and the others load it from the output folder.
 
     Args:
-        data_args: A [`training_data_looped_moe.ModelDataArguments`].
+        data_args: A [`modeling_looped_moe.training.data.ModelDataArguments`].
         training_args: [`LoopedMoeTrainingArguments`] (or plain `TrainingArguments`).
     """
     from modeling_looped_moe.training.data import build_model, load_documents, prepare_tokenizer, tokenize_blocks
