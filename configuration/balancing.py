@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from modeling_looped_moe.command_line import format_count
-from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig
+from modeling_looped_moe.configuration_looped_moe import LoopedMoeConfig, depth_schedule_of
 
 DEFAULT_TOLERANCE = 0.015
 """Stated bound on the relative errors of total parameters, FLOPs per token, active parameters and the
@@ -79,12 +79,12 @@ class LoopLayout(NamedTuple):
     @property
     def depth(self) -> int:
         """Depth steps of the layout."""
-        return self.num_prelude_layers + self.num_loop_layers * self.num_loops + self.num_coda_layers
+        return len(depth_schedule_of(*self))
 
     @property
     def unique_layers(self) -> int:
         """Distinct layers of the layout."""
-        return self.num_prelude_layers + self.num_loop_layers + self.num_coda_layers
+        return len({layer_idx for layer_idx, _ in depth_schedule_of(*self)})
 
     def __str__(self) -> str:
         return f"{self.num_prelude_layers}+{self.num_loop_layers}x{self.num_loops}+{self.num_coda_layers}"
@@ -191,10 +191,8 @@ def _relative(value: float, reference: float) -> float:
 
 
 def _schedule_layers(layout: LoopLayout) -> list[int]:
-    """The unique layer run at each depth step of `layout` (as `LoopedMoeConfig.depth_schedule`)."""
-    prelude, loop, loops, coda = layout
-    return (list(range(prelude)) + [prelude + i for _ in range(loops) for i in range(loop)]
-            + [prelude + loop + i for i in range(coda)])
+    """The unique layer run at each depth step of `layout`."""
+    return [layer_idx for layer_idx, _ in depth_schedule_of(*layout)]
 
 
 def _looped_mlp_only_layers(reference: LoopedMoeConfig, layout: LoopLayout) -> list[int]:

@@ -27,6 +27,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def depth_schedule_of(
+    num_prelude_layers: int, num_loop_layers: int, num_loops: int, num_coda_layers: int
+) -> list[tuple[int, int]]:
+    """`(unique_layer_idx, loop_idx)` for every depth step of a layout: the prelude once, the loop block
+    `num_loops` times, the coda once (`loop_idx` is 0 outside the loop block)."""
+    schedule = [(layer_idx, 0) for layer_idx in range(num_prelude_layers)]
+    for loop_idx in range(num_loops):
+        schedule += [(num_prelude_layers + offset, loop_idx) for offset in range(num_loop_layers)]
+    first_coda_layer = num_prelude_layers + num_loop_layers
+    return schedule + [(first_coda_layer + offset, 0) for offset in range(num_coda_layers)]
+
+
 class LoopedMoeConfig(PreTrainedConfig):
     r"""
     Configuration of a looped Mixture-of-Experts decoder ([`LoopedMoeForCausalLM`]).
@@ -257,12 +269,7 @@ class LoopedMoeConfig(PreTrainedConfig):
 
     def depth_schedule(self) -> list[tuple[int, int]]:
         """`(unique_layer_idx, loop_idx)` for every depth step; `loop_idx` is 0 outside the loop block."""
-        schedule = [(layer_idx, 0) for layer_idx in range(self.num_prelude_layers)]
-        for loop_idx in range(self.num_loops):
-            schedule += [(self.loop_depth_step(0, offset), loop_idx) for offset in range(self.num_loop_layers)]
-        first_coda_layer = self.loop_end(1)
-        schedule += [(first_coda_layer + offset, 0) for offset in range(self.num_coda_layers)]
-        return schedule
+        return depth_schedule_of(self.num_prelude_layers, self.num_loop_layers, self.num_loops, self.num_coda_layers)
 
     def is_loop_layer(self, layer_idx: int) -> bool:
         """Whether unique layer `layer_idx` belongs to the loop block."""
