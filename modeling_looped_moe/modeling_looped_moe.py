@@ -325,8 +325,10 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         return [self.config.loop_end(loops_run) for loops_run in range(1, num_loops + 1)]
 
     def resolve_exit_loop(self, exit_loop: int | None) -> int:
-        """The loop to exit after: the argument, else `config.exit_loop`, else the last loop; validated."""
-        exit_loop = self.config.exit_loop if exit_loop is None else exit_loop
+        """The loop to exit after: the argument, else a self-speculative draft's exit (`config.draft_exit_loop`), else
+        `config.exit_loop`, else the last loop; validated."""
+        if exit_loop is None:
+            exit_loop = self.config.draft_exit_loop or self.config.exit_loop
         if exit_loop is None:
             return self.config.num_loops
         if not isinstance(exit_loop, int) or not 1 <= exit_loop <= self.config.num_loops:
@@ -607,8 +609,17 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         (`[batch, new_tokens]`, loops counted from 1), `compute_saved` (the fraction of depth-step applications the
         decode steps skipped, measured on the rows actually computed) and `decode_steps`. Beam search reorders rows,
         so its per-row trace follows the beams' slots, not the returned sequences.
+
+        `assistant_early_exit=k` is transformers' self-speculative decoding over loops: drafts run loops 1..k (then the
+        coda and head) and transformers' assisted decoding verifies them at full depth, so greedy output equals
+        full-depth greedy output.
         """
-        return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
+        try:
+            return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
+        finally:
+            # `assistant_early_exit` drafting sets the draft loop through `config.num_hidden_layers` and resets it
+            # without try/finally in transformers: an interrupted call must not leave the model drafting.
+            self.config.num_hidden_layers = self.config.num_hidden_layers
 
     def generate_self_speculative(self, input_ids: torch.LongTensor, **kwargs) -> SelfSpeculativeOutput:
         """Greedy decoding with drafts from the first loops verified at full depth; see `self_speculative_generate`."""

@@ -445,6 +445,64 @@ def test_self_speculative_equals_greedy(coda):
     assert partial > 0  # both the acceptance and the correction paths ran
 
 
+@pytest.mark.parametrize("coda", [1, 0])
+def test_assistant_early_exit_drafts_with_the_first_loops(coda):
+    """transformers' own self-speculation, `generate(assistant_early_exit=k)`: drafts from loops 1..k verified at full
+    depth give full-depth greedy tokens, drafts really exit after loop k, streamers, stopping criteria and dict
+    outputs work, and the model is exactly as before afterwards."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    model = build(num_coda_layers=coda)
+    config_before = model.config.to_json_string()
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    common = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    reference = model.generate(ids, **common)
+    for k in (1, 2):
+        calls = []  # per forward of the model: the loops its first loop-block layer ran
+        hooks = [
+            model.model.register_forward_pre_hook(lambda module, args: calls.append([])),
+            model.model.layers[model.config.num_prelude_layers].register_forward_hook(
+                lambda module, args, kwargs, output: calls[-1].append(kwargs["loop_idx"]), with_kwargs=True),
+        ]
+        try:
+            out = model.generate(ids, assistant_early_exit=k, return_dict_in_generate=True, **common)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert torch.equal(out.sequences, reference), k
+        deepest = [max(loops) + 1 for loops in calls]
+        assert set(deepest) == {k, model.config.num_loops}, deepest  # drafts stop after loop k, verification doesn't
+        assert model.config.draft_exit_loop is None and model.config.to_json_string() == config_before
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens += value.reshape(-1).tolist()
+
+        def end(self):
+            pass
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + 6, dtype=torch.bool)
+
+    streamer = Collect()
+    stopped = model.generate(ids, assistant_early_exit=1, streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([StopAfter()]), **common)
+    assert stopped.shape[1] >= ids.shape[1] + 6 and torch.equal(stopped, reference[:, : stopped.shape[1]])
+    assert streamer.tokens[-(stopped.shape[1] - ids.shape[1]):] == stopped[0, ids.shape[1]:].tolist()
+    torch.manual_seed(0)
+    sampled = model.generate(ids, assistant_early_exit=1, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=True, top_k=5)
+    assert sampled.shape == (1, ids.shape[1] + 6)
+    with pytest.raises(ValueError, match="assistant_early_exit counts loops"):
+        model.generate(ids, assistant_early_exit=model.config.num_loops, **common)
+    assert model.config.draft_exit_loop is None and model.config.to_json_string() == config_before
+
+
 def test_self_speculative_rejects_bad_arguments(model):
     """Batches of more than one row and `draft_loops` outside 1..num_loops-1 raise `ValueError`."""
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
