@@ -39,6 +39,10 @@ def depth_schedule_of(
     return schedule + [(first_coda_layer + offset, 0) for offset in range(num_coda_layers)]
 
 
+# `__init__` arguments that are not config fields.
+_NOT_FIELDS = ("self", "kwargs", "stored_depth", "__class__")
+
+
 class LoopedMoeConfig(PreTrainedConfig):
     r"""
     Configuration of a looped Mixture-of-Experts decoder ([`LoopedMoeForCausalLM`]).
@@ -172,59 +176,11 @@ class LoopedMoeConfig(PreTrainedConfig):
     ):
         # Derived and stored by older saves; recomputed from the schedule, never trusted from disk.
         stored_depth = kwargs.pop("num_hidden_layers", None)
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.head_dim = head_dim if head_dim is not None else (
-            hidden_size // num_attention_heads if _is_int(num_attention_heads) and num_attention_heads > 0 else None
-        )
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_parameters = rope_parameters if rope_parameters is not None else {"rope_type": "default"}
-        self.attention_bias = attention_bias
-        self.qkv_bias = attention_bias if qkv_bias is None else qkv_bias
-        self.attention_dropout = attention_dropout
-        self.qk_norm = qk_norm
-        self.num_prelude_layers = num_prelude_layers
-        self.num_loop_layers = num_loop_layers
-        self.num_loops = num_loops
-        self.num_coda_layers = num_coda_layers
-        self.intermediate_size = intermediate_size
-        self.mlp_only_layers = list(mlp_only_layers) if mlp_only_layers is not None else []
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.moe_intermediate_size = moe_intermediate_size
-        self.num_shared_experts = num_shared_experts
-        self.shared_expert_intermediate_size = (
-            shared_expert_intermediate_size if shared_expert_intermediate_size is not None else moe_intermediate_size
-        )
-        self.shared_expert_gate = shared_expert_gate
-        self.router_scoring = router_scoring
-        self.norm_topk_prob = norm_topk_prob
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.router_z_loss_coef = router_z_loss_coef
-        self.output_router_logits = output_router_logits
-        self.expert_tying_group_size = expert_tying_group_size
-        self.num_untied_first_layers = num_untied_first_layers
-        self.num_untied_last_layers = num_untied_last_layers
-        self.per_loop_router = per_loop_router
-        self.initializer_range = initializer_range
-        self.loop_conditioning = loop_conditioning
-        self.iter_adaln_rank = iter_adaln_rank if iter_adaln_rank is not None else max(1, hidden_size // 8) \
-            if _is_int(hidden_size) else None
-        self.loop_input_injection = loop_input_injection
-        self.exit_loop = exit_loop
-        self.loop_loss_weights = list(loop_loss_weights) if loop_loss_weights is not None else None
-        self.exit_criterion = exit_criterion
-        self.exit_threshold = exit_threshold
-        self.exit_kv_policy = exit_kv_policy
-        self.use_cache = use_cache
-        self.tie_word_embeddings = tie_word_embeddings
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
+        arguments = dict(locals())  # outside the loop: a comprehension has locals of its own before Python 3.12
+        for name, value in arguments.items():
+            if name not in _NOT_FIELDS:
+                setattr(self, name, value)
+        self._fill_defaults()
         self.validate_looped_moe(head_dim_given=head_dim is not None)
         super().__init__(**kwargs)
         if stored_depth is not None and stored_depth != self.num_hidden_layers:
@@ -232,6 +188,24 @@ class LoopedMoeConfig(PreTrainedConfig):
                 f"LoopedMoeConfig.num_hidden_layers: {stored_depth} contradicts the depth schedule "
                 f"({self.num_hidden_layers} depth steps); it is derived, so leave it out or make it match"
             )
+
+    def _fill_defaults(self) -> None:
+        """Fields whose default depends on others (`None` given), and list fields stored as lists."""
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default"}
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
+        self.mlp_only_layers = list(self.mlp_only_layers) if self.mlp_only_layers is not None else []
+        if self.shared_expert_intermediate_size is None:
+            self.shared_expert_intermediate_size = self.moe_intermediate_size
+        if self.iter_adaln_rank is None and _is_int(self.hidden_size):
+            self.iter_adaln_rank = max(1, self.hidden_size // 8)
+        if self.loop_loss_weights is not None:
+            self.loop_loss_weights = list(self.loop_loss_weights)
 
     # ----------------------------------------------------------------------------------------------------------
     # Derived structure
