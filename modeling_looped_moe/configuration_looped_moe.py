@@ -87,7 +87,8 @@ class LoopedMoeConfig(PreTrainedConfig):
             (Qwen2-MoE).
         router_scoring (`str`, defaults to `"softmax"`): `"softmax"` or `"sigmoid"` router scores.
         norm_topk_prob (`bool`, defaults to `True`): Renormalise the top-k weights to sum to one.
-        router_aux_loss_coef (`float`, defaults to 0.01): Weight of the Switch load-balancing loss.
+        router_aux_loss_coef (`float`, defaults to 0.01): Weight of the Switch load-balancing loss (transformers'
+            convention: the loss is `top_k` for uniform routing).
         router_z_loss_coef (`float`, defaults to 0.0): Weight of the router z-loss.
         output_router_logits (`bool`, defaults to `False`): Return router logits (and add the router losses).
         expert_tying_group_size (`int`, defaults to 1): `g` consecutive MoE layers share one expert bank.

@@ -1,4 +1,4 @@
-"""Router losses, each averaged over the MoE depth steps (every application of a router counts once)."""
+"""Router losses over the MoE depth steps (every application of a router counts once), in transformers' convention."""
 
 from __future__ import annotations
 
@@ -24,40 +24,41 @@ def load_balancing_loss(
     scoring: str = "softmax",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch Transformer load-balancing loss `E * sum_i f_i * p_i`, averaged over depth steps.
+    """Switch Transformer load-balancing loss `E * sum_i f_i * p_i`, transformers' `load_balancing_loss_func`.
+
+    The convention is transformers' (Mixtral, Qwen-MoE, OLMoE): the router logits of all MoE layers count as one set
+    of rows, `f_i` is the number of top-k assignments to expert `i` per row (so the fractions sum to `top_k`) and
+    `p_i` the mean router probability. A converted non-looped model therefore gives the source model's `aux_loss`.
+    A looped model uses the same formula over all its depth steps: each application of a router is one more set of
+    rows, whether its layer is a repeat or not.
 
     Args:
         router_logits: One `[tokens, num_experts]` tensor per MoE depth step.
-        top_k: Experts chosen per token; `f_i` is the fraction of the `top_k` assignments that go to expert `i`.
-        scoring: `"softmax"` or `"sigmoid"`; `p_i` is the mean router probability (sigmoid scores are
-            normalised over experts first).
+        top_k: Experts chosen per token.
+        scoring: `"softmax"` or `"sigmoid"`; sigmoid scores are normalised over the experts before `p_i` is taken
+            (transformers' function knows only softmax).
         attention_mask: Optional 2D padding mask; padded tokens are left out.
 
     Returns:
-        A scalar tensor; 1.0 for perfectly uniform routing.
+        A scalar tensor; `top_k` for perfectly uniform routing.
     """
-    losses = []
+    num_experts = router_logits[0].shape[-1]
+    weights = _token_weights(router_logits[0], attention_mask)
+    assignments = torch.zeros(num_experts, device=weights.device)
+    prob_sum = torch.zeros(num_experts, device=weights.device)
     for step_logits in router_logits:
-        step_logits = step_logits.float()
-        num_experts = step_logits.shape[-1]
-        weights = _token_weights(step_logits, attention_mask)
-        probs = router_scores(step_logits, scoring)
+        probs = router_scores(step_logits.float(), scoring)
         if scoring == "sigmoid":  # independent scores: normalise over the experts (the top-k choice is unchanged)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         _, selected = torch.topk(probs, top_k, dim=-1)
-        assignments = F.one_hot(selected, num_experts).sum(dim=1).float()  # [tokens, E]
-        total = weights.sum().clamp_min(1.0)
-        fraction = (assignments * weights[:, None]).sum(dim=0) / (total * top_k)
-        mean_prob = (probs * weights[:, None]).sum(dim=0) / total
-        losses.append(num_experts * torch.sum(fraction * mean_prob))
-    return torch.stack(losses).mean()
+        assignments = assignments + (F.one_hot(selected, num_experts).sum(dim=1) * weights[:, None]).sum(dim=0)
+        prob_sum = prob_sum + (probs * weights[:, None]).sum(dim=0)
+    rows = (weights.sum() * len(router_logits)).clamp_min(1.0)
+    return num_experts * torch.sum((assignments / rows) * (prob_sum / rows))
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss `mean(logsumexp(logits)^2)` (ST-MoE), averaged over depth steps."""
-    losses = []
-    for step_logits in router_logits:
-        weights = _token_weights(step_logits, attention_mask)
-        z = torch.logsumexp(step_logits.float(), dim=-1) ** 2
-        losses.append((z * weights).sum() / weights.sum().clamp_min(1.0))
-    return torch.stack(losses).mean()
+    """Router z-loss `mean(logsumexp(logits)^2)` (ST-MoE) over the rows of all MoE depth steps."""
+    weights = _token_weights(router_logits[0], attention_mask)
+    z = torch.stack([torch.logsumexp(step_logits.float(), dim=-1) ** 2 for step_logits in router_logits])
+    return (z * weights).sum() / (weights.sum() * len(router_logits)).clamp_min(1.0)

@@ -509,7 +509,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             The same argument under its name before transformers 5.24.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the language-modelling loss (shifted inside); -100 is ignored. With labels, the
-            load-balancing and z losses of every MoE depth step are averaged and added with their coefficients, and
+            load-balancing and z losses over every MoE depth step are added with their coefficients, and
             `config.loop_loss_weights` (if set) turns the loss into a weighted sum over loop exits.
         output_router_logits (`bool`, *optional*):
             Return the router logits of every MoE depth step.

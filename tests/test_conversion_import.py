@@ -179,3 +179,27 @@ def test_converted_folder_loads_with_remote_code(tmp_path: Path):
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_losses_match_source(family: str, padded: bool, tmp_path: Path):
+    """A converted model's `aux_loss` and total loss equal the source model's (transformers' convention)."""
+    source_model = family_model(family, router_aux_loss_coef=0.01)
+    convert(save_source(source_model, tmp_path / "source", tokenizer=False), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    input_ids = random_ids(batch=3)
+    mask = torch.ones_like(input_ids)
+    if padded:
+        mask[1, :4] = 0  # left padding
+        mask[2, -3:] = 0  # right padding
+    labels = input_ids.masked_fill(mask == 0, -100)
+    inputs = dict(input_ids=input_ids, attention_mask=mask if padded else None, labels=labels,
+                  output_router_logits=True)
+    with torch.no_grad():
+        ours, theirs = model(**inputs), source_model(**inputs)
+    assert model.config.router_aux_loss_coef == source_model.config.router_aux_loss_coef == 0.01
+    # Uniform routing gives top_k in this convention; random routers stay near it.
+    assert 0.9 * source_model.config.num_experts_per_tok < theirs.aux_loss < 2 * source_model.config.num_experts_per_tok
+    torch.testing.assert_close(ours.aux_loss, theirs.aux_loss, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=FP32_ATOL, rtol=0)
