@@ -147,9 +147,9 @@ class Calibrator:
         block_input = module.feed_forward_input(hidden)
         error = None
         if source_experts is None:
-            block_output = module.feed_forward(block_input)
+            block_output, _ = module.feed_forward(block_input)
         else:
-            block_output = module.feed_forward(block_input, _FusedExperts(*source_experts, self.act_fn))
+            block_output, _ = module.feed_forward(block_input, _FusedExperts(*source_experts, self.act_fn))
             converted_mlp = converted_mlp or {}
             unchanged = all(a is b for a, b in zip(converted_experts, source_experts)) and all(
                 value.dtype == source_tensors[key].dtype and torch.equal(value, source_tensors[key])
@@ -159,7 +159,7 @@ class Calibrator:
                 return 0.0
             mlp_state = {k[len("mlp."):]: v.float() for k, v in converted_mlp.items()}
             module.mlp.load_state_dict(mlp_state, strict=True, assign=True)
-            converted = module.feed_forward(block_input, _FusedExperts(*converted_experts, self.act_fn))
+            converted, _ = module.feed_forward(block_input, _FusedExperts(*converted_experts, self.act_fn))
             error = float((converted - block_output).norm() / block_output.norm().clamp_min(1e-30))
         self.hidden = hidden + block_output
         return error

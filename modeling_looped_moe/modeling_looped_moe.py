@@ -131,11 +131,12 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
 
     def feed_forward(
         self, normed: torch.Tensor, experts: LoopedMoeExperts | None = None, loop_idx: int = 0
-    ) -> torch.Tensor:
-        """The dense MLP, or the MoE block routing to `experts` (the bank this layer uses) in loop `loop_idx`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense MLP, or the MoE block routing to `experts` (the bank this layer uses) in loop `loop_idx`; with
+        the router logits (`None` for a dense layer)."""
         if isinstance(self.mlp, LoopedMoeSparseMoeBlock):
             return self.mlp(normed, experts, loop_idx)
-        return self.mlp(normed)
+        return self.mlp(normed), None
 
     def forward(
         self,
@@ -149,12 +150,18 @@ class LoopedMoeDecoderLayer(GradientCheckpointingLayer):
         loop_idx: int = 0,
         loop_vector: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output state and its router logits (`None` for a dense layer).
+
+        The router logits leave through the return value, not only through a hook inside the layer: gradient
+        checkpointing (reentrant or not) keeps the autograd graph of what the checkpointed forward returns.
+        """
         cache = resolve_cache(cache, past_key_values)  # called with `cache_kwargs`: the name checkpointing drops
         hidden_states = self.attention_block(hidden_states, position_embeddings, attention_mask, cache=cache,
                                              depth_step=depth_step, loop_vector=loop_vector, **kwargs)
-        normed = self.feed_forward_input(hidden_states, loop_vector)
-        return hidden_states + self.feed_forward(normed, experts, loop_idx)
+        feed_forward, router_logits = self.feed_forward(self.feed_forward_input(hidden_states, loop_vector), experts,
+                                                        loop_idx)
+        return hidden_states + feed_forward, router_logits
 
 
 class LoopedMoePreTrainedModel(PreTrainedModel):
@@ -170,23 +177,10 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _supports_attention_backend = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(LoopedMoeTopKRouter, index=0),
-        "hidden_states": LoopedMoeDecoderLayer,
+        "router_logits": OutputRecorder(LoopedMoeDecoderLayer, index=1),
+        "hidden_states": OutputRecorder(LoopedMoeDecoderLayer, index=0),
         "attentions": OutputRecorder(LoopedMoeAttention, index=1),
     }
-
-    def _activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
-    ) -> None:
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        # Reentrant checkpointing runs layers under no_grad, so hook-recorded router logits (and the router losses
-        # built from them) would silently stop training the model.
-        if kwargs["use_reentrant"] and self.config.num_experts > 0:
-            raise ValueError(
-                "LoopedMoe models need use_reentrant=False activation checkpointing: the reentrant variant drops "
-                "the router-loss gradients"
-            )
-        super()._activation_checkpointing_enable(kwargs, every_n_layers, offload)
 
     def _grouped_mm_can_dispatch(self) -> bool:
         """`grouped_mm` needs 16-byte aligned expert rows; otherwise the default falls back to `eager`."""
@@ -280,7 +274,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         layer_idx, loop_idx = self.schedule[depth_step]
         if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx):
             hidden_states = self.enter_loop(hidden_states, loop_idx, loop_input)
-        return self.layers[layer_idx](
+        hidden_states, _ = self.layers[layer_idx](  # the router logits reach the outputs through the layer's hook
             hidden_states,
             depth_step=depth_step,
             **cache_kwargs(cache),
@@ -289,6 +283,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             loop_vector=self.loop_vector(layer_idx, loop_idx),
             **layer_kwargs,
         )
+        return hidden_states
 
     def standing_key_values(
         self,

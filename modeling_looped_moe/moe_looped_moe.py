@@ -84,14 +84,17 @@ class LoopedMoeSparseMoeBlock(nn.Module):
         """The router used in loop `loop_idx`."""
         return self.gate[loop_idx] if isinstance(self.gate, nn.ModuleList) else self.gate
 
-    def forward(self, hidden_states: torch.Tensor, experts: nn.Module, loop_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, experts: nn.Module, loop_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output and the router logits (`[tokens, num_experts]`) it routed with."""
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat_states = hidden_states.reshape(-1, hidden_dim)
-        _, routing_weights, selected_experts = self.router(loop_idx)(flat_states)
+        router_logits, routing_weights, selected_experts = self.router(loop_idx)(flat_states)
         output = experts(flat_states, selected_experts, routing_weights)
         if self.shared_expert is not None:
             shared_output = self.shared_expert(flat_states)
             if self.shared_expert_gate is not None:
                 shared_output = torch.sigmoid(self.shared_expert_gate(flat_states)) * shared_output
             output = output + shared_output
-        return output.reshape(batch_size, sequence_length, hidden_dim)
+        return output.reshape(batch_size, sequence_length, hidden_dim), router_logits

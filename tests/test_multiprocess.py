@@ -1,7 +1,8 @@
 """Two processes (DDP over gloo on CPU, launched by `accelerate launch`) reach the losses of one process.
 
 Both runs use the train command with the same seed, text, tokenizer training, random loop counts and a global batch
-of 4 blocks: one process with 4 blocks per step, or two with 2 each. Accelerate shards the same seeded sample order
+of 4 blocks: one process accumulating 2 micro-batches of 2 per step (the router losses are per-micro-batch means,
+so this is the one-process run with the same micro-batches), or two processes with 2 each. Accelerate shards the same seeded sample order
 by batches (process i takes every other batch of 2), so each step sees the same 4 blocks.
 
 Tolerance: per-step losses agree within 3e-3 (about 5e-4 relative); the first step within 1e-3. Sources of
@@ -54,7 +55,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               "--tokenizer_vocab_size", "512", "--use_cpu", "true"]
     one, two = root / "one", root / "two"
     train = ["-m", "modeling_looped_moe.training", *common]
-    _run([sys.executable, *train, "--per_device_train_batch_size", "4", "--output_dir", str(one)], root / "one.log")
+    _run([sys.executable, *train, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+          "--output_dir", str(one)], root / "one.log")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
@@ -73,7 +75,7 @@ def test_two_processes_ran(runs):
     rows = json.loads((runs["two"] / "log_history.json").read_text())
     one_rows = json.loads((runs["one"] / "log_history.json").read_text())
     # Same global batch of 4 blocks: two processes see half as many blocks each, so the epoch fraction matches.
-    assert rows[0]["epoch"] == pytest.approx(one_rows[0]["epoch"])
+    assert rows[0]["epoch"] == pytest.approx(one_rows[0]["epoch"], rel=0.01)  # an odd batch count: 1/214 vs 2/427
     assert (runs["one"] / "tokenizer.json").read_text() == (runs["two"] / "tokenizer.json").read_text()
 
 
