@@ -176,7 +176,7 @@ def test_time_capped_progress_bar_counts_seconds_toward_the_cap(tmp_path, capsys
     trainer = LoopedMoeTrainer(model=model, args=args, train_dataset=BlockDataset(torch.randint(3, 96, (64, 16))))
     assert not any(isinstance(callback, ProgressCallback) for callback in trainer.callback_handler.callbacks)
     trainer.train()
-    assert 1 < trainer.state.global_step < 10_000  # stopped by the clock
+    assert 1 <= trainer.state.global_step < 10_000  # stopped by the clock, not the step budget (no speed assumed)
     bar = capsys.readouterr().err
     assert "/2 s" in bar and f"step {trainer.state.global_step}/10000" in bar, bar[-500:]
     assert "/10000 [" not in bar  # no bar toward the step budget
