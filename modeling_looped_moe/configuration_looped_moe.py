@@ -218,23 +218,13 @@ class LoopedMoeConfig(PreTrainedConfig):
 
     @num_hidden_layers.setter
     def num_hidden_layers(self, value: int) -> None:
-        """transformers' self-speculation (`generate(assistant_early_exit=k)`) sets the depth to `k` while it drafts
-        and back afterwards. Here `k` counts loops: drafts run loops 1..k, then the coda and head; setting the full
-        depth again ends the draft. The depth itself (cache slots, hidden states) never changes."""
-        if value == self.num_hidden_layers:
-            self.__dict__.pop("_draft_exit_loop", None)  # gone, not `None`: it must not reach a saved config.json
-        elif isinstance(value, int) and 1 <= value < self.num_loops:
-            self._draft_exit_loop = value
-        else:
+        """Derived from the loop schedule: setting it to anything else raises (the self-speculative draft depth is
+        `generate(assistant_early_exit=k)` or [`LoopedMoeModel.drafting`], counted in loops)."""
+        if value != self.num_hidden_layers:
             raise ValueError(
-                f"LoopedMoeConfig.num_hidden_layers is derived ({self.num_hidden_layers} depth steps); "
-                f"assistant_early_exit counts loops and must be in 1..{self.num_loops - 1}, got {value!r}"
+                f"LoopedMoeConfig.num_hidden_layers is derived ({self.num_hidden_layers} depth steps); change "
+                f"num_loops or the layer counts instead, or exit early with exit_loop / assistant_early_exit, got {value!r}"
             )
-
-    @property
-    def draft_exit_loop(self) -> int | None:
-        """The loop self-speculative drafts exit after while `generate(assistant_early_exit=k)` drafts (else `None`)."""
-        return getattr(self, "_draft_exit_loop", None)
 
     # The schedule arithmetic, written once: every other module asks these.
     def loop_depth_step(self, loop_idx: int, offset: int) -> int:

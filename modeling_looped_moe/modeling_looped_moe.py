@@ -42,7 +42,13 @@ from .outputs_looped_moe import (
     LoopedMoeCausalLMOutputWithPast,
     LoopedMoeModelOutputWithPast,
 )
-from .speculative_looped_moe import SelfSpeculativeOutput, self_speculative_generate
+from .speculative_looped_moe import (
+    LoopDraftCandidateGenerator,
+    SelfSpeculativeOutput,
+    check_draft_loops,
+    drafting_state,
+    self_speculative_generate,
+)
 
 
 @use_experts_implementation
@@ -234,7 +240,18 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         self.norm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LoopedMoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self._draft_exit_loop = None
         self.post_init()
+
+    def drafting(self, draft_loops: int):
+        """Context manager: inside it, forwards without an explicit `exit_loop` exit after loop `draft_loops` (then
+        the coda), as self-speculative drafts do; the model is exactly as before when it ends, even on error."""
+        return drafting_state(self, draft_loops)
+
+    @property
+    def draft_exit_loop(self) -> int | None:
+        """The loop self-speculative drafts exit after inside [`drafting`] (else `None`)."""
+        return self._draft_exit_loop
 
     def experts_for_layer(self, layer_idx: int) -> LoopedMoeExperts | None:
         """The expert bank used by unique layer `layer_idx` (`None` for dense layers)."""
@@ -320,10 +337,10 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         return [self.config.loop_end(loops_run) for loops_run in range(1, num_loops + 1)]
 
     def resolve_exit_loop(self, exit_loop: int | None) -> int:
-        """The loop to exit after: the argument, else a self-speculative draft's exit (`config.draft_exit_loop`), else
+        """The loop to exit after: the argument, else a self-speculative draft's exit ([`drafting`]), else
         `config.exit_loop`, else the last loop; validated."""
         if exit_loop is None:
-            exit_loop = self.config.draft_exit_loop or self.config.exit_loop
+            exit_loop = self._draft_exit_loop or self.config.exit_loop
         if exit_loop is None:
             return self.config.num_loops
         if not isinstance(exit_loop, int) or not 1 <= exit_loop <= self.config.num_loops:
@@ -609,15 +626,28 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         coda and head) and transformers' assisted decoding verifies them at full depth, so greedy output equals
         full-depth greedy output.
         """
-        try:
-            return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
-        finally:
-            # `assistant_early_exit` drafting sets the draft loop through `config.num_hidden_layers` and resets it
-            # without try/finally in transformers: an interrupted call must not leave the model drafting.
-            self.config.num_hidden_layers = self.config.num_hidden_layers
+        return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
+
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        # transformers' early-exit drafter sets `config.num_hidden_layers` to the draft depth; ours sets the draft
+        # loop on the model for the draft only (`num_hidden_layers` is derived from the loop schedule).
+        if generation_config.assistant_early_exit is None:
+            return super()._get_candidate_generator(generation_config, *args, **kwargs)
+        check_draft_loops(self.config, generation_config.assistant_early_exit, "assistant_early_exit")
+        names = ("input_ids", "inputs_tensor", "logits_processor", "model_kwargs")
+        arguments = dict(zip(names, args), **kwargs)
+        return LoopDraftCandidateGenerator(
+            input_ids=arguments["input_ids"],
+            assistant_model=self,
+            generation_config=generation_config,
+            model_kwargs=arguments["model_kwargs"],
+            inputs_tensor=arguments["inputs_tensor"],
+            logits_processor=arguments["logits_processor"],
+        )
 
     def generate_self_speculative(self, input_ids: torch.LongTensor, **kwargs) -> SelfSpeculativeOutput:
-        """Greedy decoding with drafts from the first loops verified at full depth; see `self_speculative_generate`."""
+        """The greedy fast path of `generate(assistant_early_exit=k)`, sharing one cache between drafts and
+        verification; see `self_speculative_generate`."""
         return self_speculative_generate(self, input_ids, **kwargs)
 
 

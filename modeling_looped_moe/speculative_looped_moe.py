@@ -1,6 +1,11 @@
 """Self-speculative decoding over loops: draft with the first loops, verify the drafts with the full depth.
 
-The draft of a token runs the prelude and loops 1..k (then the coda for its draft logits). Verification resumes
+Two entry points share the drafting code ([`LoopedMoeModel.drafting`] and [`check_draft_loops`]):
+`generate(assistant_early_exit=k)` runs transformers' assisted decoding with [`LoopDraftCandidateGenerator`]
+(any decoding strategy, streamers, stopping criteria, logits processors), and [`self_speculative_generate`] is its
+greedy one-sequence fast path, which also shares the keys/values between draft and verification.
+
+In the fast path the draft of a token runs the prelude and loops 1..k (then the coda for its draft logits). Verification resumes
 from the drafted tokens' loop-k hidden states and runs loops k+1..N and the coda for all drafts in one forward, so
 the prelude and loops 1..k keys/values written while drafting are shared, not recomputed. Only the coda's
 draft-path entries are discarded. Greedy output equals full-depth greedy generation.
@@ -8,10 +13,12 @@ draft-path entries are discarded. Greedy output equals full-depth greedy generat
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
+from transformers.generation.candidate_generator import AssistedCandidateGenerator, EarlyExitCandidateGenerator
 
 from .compat_looped_moe import create_causal_mask
 
@@ -38,6 +45,37 @@ class SelfSpeculativeOutput:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def check_draft_loops(config, draft_loops, name: str) -> int:
+    """`draft_loops` if it is a valid number of draft loops (1..num_loops-1) for `config`, else `ValueError`."""
+    if isinstance(draft_loops, bool) or not isinstance(draft_loops, int) or not 1 <= draft_loops < config.num_loops:
+        raise ValueError(f"{name} counts loops and must be an integer in 1..{config.num_loops - 1}, got {draft_loops!r}")
+    return draft_loops
+
+
+@contextmanager
+def drafting_state(model, draft_loops: int):
+    """Set `model._draft_exit_loop` for the duration of the block and clear it afterwards, even on error."""
+    previous = model._draft_exit_loop
+    model._draft_exit_loop = check_draft_loops(model.config, draft_loops, "draft_loops")
+    try:
+        yield
+    finally:
+        model._draft_exit_loop = previous
+
+
+class LoopDraftCandidateGenerator(EarlyExitCandidateGenerator):
+    """transformers' early-exit candidate generator for looped models: `assistant_early_exit` counts loops, and the
+    draft depth is set on the model for the draft only ([`LoopedMoeModel.drafting`]) instead of through
+    `config.num_hidden_layers`, which is derived here and never changes."""
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        base_model = getattr(self.assistant_model, self.assistant_model.base_model_prefix)
+        with base_model.drafting(self.assistant_early_exit):
+            candidate_ids, candidate_logits = AssistedCandidateGenerator.get_candidates(self, input_ids, **kwargs)
+        self._last_ids_length = candidate_ids.shape[-1]  # what the assistant cache is rolled back from
+        return candidate_ids, candidate_logits
+
+
 def _crop(cache: DynamicCache, depth_steps: list[int], tokens: int) -> None:
     """Drop the last `tokens` positions from the cache slots of `depth_steps`."""
     if tokens > 0:
@@ -53,7 +91,8 @@ def _draft(model, token: torch.LongTensor, cache: DynamicCache, draft_loops: int
     """
     drafts, draft_states, loop_inputs = [], [], []
     for _ in range(budget):
-        out = model.model(token, cache=cache, use_cache=True, exit_loop=draft_loops, output_loop_hidden_states=True)
+        with model.model.drafting(draft_loops):
+            out = model.model(token, cache=cache, use_cache=True, output_loop_hidden_states=True)
         draft_states.append(out.loop_hidden_states[-1])
         loop_inputs.append(out.loop_input)
         token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
@@ -89,6 +128,10 @@ def self_speculative_generate(
 ) -> SelfSpeculativeOutput:
     """Greedy generation with drafts from the first `draft_loops` loops, verified at full depth.
 
+    The greedy fast path of `generate(assistant_early_exit=draft_loops, do_sample=False)`: the same tokens (both
+    equal full-depth greedy), one sequence at a time, no logits processors; draft and verification share one cache
+    instead of keeping one each, and every round drafts `num_draft_tokens` tokens.
+
     Args:
         model: A [`LoopedMoeForCausalLM`].
         input_ids: The prompt, `[1, prompt_length]` (one sequence; batches are not supported).
@@ -103,8 +146,7 @@ def self_speculative_generate(
     config = model.config
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"self_speculative_generate takes one sequence [1, length], got {tuple(input_ids.shape)}")
-    if not isinstance(draft_loops, int) or not 1 <= draft_loops < config.num_loops:
-        raise ValueError(f"draft_loops must be an integer in 1..{config.num_loops - 1}, got {draft_loops!r}")
+    check_draft_loops(config, draft_loops, "draft_loops")
     if num_draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
     if eos_token_id is None:

@@ -473,7 +473,7 @@ def test_assistant_early_exit_drafts_with_the_first_loops(coda):
         assert torch.equal(out.sequences, reference), k
         deepest = [max(loops) + 1 for loops in calls]
         assert set(deepest) == {k, model.config.num_loops}, deepest  # drafts stop after loop k, verification doesn't
-        assert model.config.draft_exit_loop is None and model.config.to_json_string() == config_before
+        assert model.model.draft_exit_loop is None and model.config.to_json_string() == config_before
 
     class Collect(BaseStreamer):
         def __init__(self):
@@ -494,13 +494,45 @@ def test_assistant_early_exit_drafts_with_the_first_loops(coda):
                              stopping_criteria=StoppingCriteriaList([StopAfter()]), **common)
     assert stopped.shape[1] >= ids.shape[1] + 6 and torch.equal(stopped, reference[:, : stopped.shape[1]])
     assert streamer.tokens[-(stopped.shape[1] - ids.shape[1]):] == stopped[0, ids.shape[1]:].tolist()
+    banned = reference[0, ids.shape[1]].item()  # a logits processor: suppress the first greedy token
+    plain = model.generate(ids, suppress_tokens=[banned], **common)
+    assisted = model.generate(ids, assistant_early_exit=1, suppress_tokens=[banned], **common)
+    assert banned not in plain[0, ids.shape[1]:].tolist() and torch.equal(assisted, plain)
     torch.manual_seed(0)
     sampled = model.generate(ids, assistant_early_exit=1, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                              do_sample=True, top_k=5)
     assert sampled.shape == (1, ids.shape[1] + 6)
-    with pytest.raises(ValueError, match="assistant_early_exit counts loops"):
-        model.generate(ids, assistant_early_exit=model.config.num_loops, **common)
-    assert model.config.draft_exit_loop is None and model.config.to_json_string() == config_before
+    for bad in (0, model.config.num_loops, 1.0):
+        with pytest.raises(ValueError, match="assistant_early_exit counts loops"):
+            model.generate(ids, assistant_early_exit=bad, **common)
+    assert model.model.draft_exit_loop is None and model.config.to_json_string() == config_before
+
+
+def test_interrupted_draft_leaves_the_model_at_full_depth():
+    """An error raised while drafting does not leave the model drafting: the next forward runs every loop."""
+    model = build()
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    full_depth = model(ids).logits
+
+    def fail_while_drafting(module, args):
+        if module.draft_exit_loop is not None:
+            raise RuntimeError("interrupted draft")
+
+    hook = model.model.register_forward_pre_hook(fail_while_drafting)
+    try:
+        with pytest.raises(RuntimeError, match="interrupted draft"):
+            model.generate(ids, assistant_early_exit=1, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                           do_sample=False)
+    finally:
+        hook.remove()
+    assert model.model.draft_exit_loop is None
+    torch.testing.assert_close(model(ids).logits, full_depth, atol=ATOL, rtol=0)
+    with model.model.drafting(1):
+        drafted = model(ids).logits
+    torch.testing.assert_close(drafted, model(ids, exit_loop=1).logits, atol=ATOL, rtol=0)
+    assert model.model.draft_exit_loop is None
+    with pytest.raises(ValueError, match="derived"):
+        model.config.num_hidden_layers = 1
 
 
 def test_self_speculative_rejects_bad_arguments(model):
