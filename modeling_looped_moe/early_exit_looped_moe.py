@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from transformers.cache_utils import Cache, DynamicLayer
 
 
@@ -189,11 +190,29 @@ def no_output_capture():
         _active_collector.reset(token)
 
 
-def _rows_of(tensor: torch.Tensor | None, rows: torch.Tensor, batch_size: int):
-    """Restrict a batch-first tensor (mask, cos/sin) to `rows`, leaving broadcast tensors as they are."""
+def _rows_of(tensor: torch.Tensor | BlockMask | None, rows: torch.Tensor, batch_size: int):
+    """Restrict a batch-first tensor (mask, cos/sin) or flex `BlockMask` to `rows`, leaving broadcast ones as they are."""
     if tensor is None or tensor.shape[0] != batch_size or batch_size == 1:
         return tensor
+    if isinstance(tensor, BlockMask):
+        return _block_mask_rows(tensor, rows)
     return tensor[rows]
+
+
+def _block_mask_rows(block_mask: BlockMask, rows: torch.Tensor) -> BlockMask:
+    """The flex attention mask of `rows`.
+
+    torch slices a `BlockMask`'s block tables but replaces its mask function by one that raises, since that function
+    reads per-row data (transformers' padding mask) by batch index; the sliced mask maps its batch index back.
+    """
+    rows_mask = block_mask[rows]
+    full_mask_mod = block_mask.mask_mod
+
+    def mask_mod(batch_idx, head_idx, q_idx, kv_idx):
+        return full_mask_mod(rows[batch_idx], head_idx, q_idx, kv_idx)
+
+    rows_mask.mask_mod = mask_mod
+    return rows_mask
 
 
 class _Staging:

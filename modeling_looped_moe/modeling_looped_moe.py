@@ -179,7 +179,7 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
     _supports_attention_backend = True
     _can_record_outputs = {
