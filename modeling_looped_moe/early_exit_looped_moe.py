@@ -64,6 +64,11 @@ def depth_steps_used(config, exit_loops: torch.Tensor, adaptive: bool) -> torch.
     return config.depth_steps_run(exit_loops, exit_loops if adaptive else 1)
 
 
+def is_decode_step_of(cache: Cache | None, query_length: int) -> bool:
+    """Whether a forward of `query_length` new tokens per row is a decode step: one token on a filled cache."""
+    return cache is not None and query_length == 1 and cache.get_seq_length() > 0
+
+
 class ExitTrace:
     """The exits of one `generate` call, step by step: passed to `forward` as `exit_trace`, never kept on the model."""
 

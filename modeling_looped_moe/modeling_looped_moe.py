@@ -1,5 +1,7 @@
 """PyTorch looped Mixture-of-Experts decoder with expert banks shared across layers and loops."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,7 @@ from .early_exit_looped_moe import (
     adaptive_prefill,
     depth_steps_used,
     generate_with_exit_trace,
+    is_decode_step_of,
     no_output_capture,
     validate_adaptive_exit,
 )
@@ -180,7 +183,9 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = True
-    _can_compile_fullgraph = False
+    # The fixed-depth forward (every loop, or a static `exit_loop`) compiles with `fullgraph=True`; adaptive exit
+    # compacts the batch by data-dependent row selection, which no graph can hold (see docs/BACKENDS.md).
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(LoopedMoeDecoderLayer, index=1),
@@ -416,7 +421,14 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
     ) -> LoopedMoeModelOutputWithPast:
         """Per-token exits: a one-token decode step with a filled cache compacts the rows still looping (recorders
         off: rows change between boundaries); any other input runs every loop with per-position exits."""
-        if hidden_states.shape[1] == 1 and cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and cache.is_compileable:
+            raise ValueError(
+                f"adaptive exit (exit_criterion={adaptive_exit.criterion!r}) needs a dynamic cache: rows leave at "
+                f"different loops and the step's keys/values are staged per row, which a fixed-shape "
+                f"{type(cache).__name__} cannot take; use the default cache, or a static `exit_loop` with a static "
+                "cache"
+            )
+        if is_decode_step_of(cache, hidden_states.shape[1]):
             with no_output_capture():
                 exit_logits, exit_loops = adaptive_decode_step(
                     self, hidden_states, layer_kwargs["attention_mask"], layer_kwargs["position_embeddings"], cache,
@@ -543,13 +555,15 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         )
         adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop)
         query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        is_decode_step = cache is not None and query_length == 1 and cache.get_seq_length() > 0
+        # Only `generate`'s exit trace needs it; a compiled call records outside the graph (`get_compiled_call`).
+        recording = exit_trace is not None and not torch.compiler.is_compiling()
+        is_decode_step = recording and is_decode_step_of(cache, query_length)
         model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if adaptive is not None and labels is None:
             outputs = self.model(**model_inputs, adaptive_exit=adaptive)
             last_loops = outputs.exit_loops[:, -1]
-            if exit_trace is not None:
+            if recording:
                 steps = depth_steps_used(self.config, last_loops, adaptive=True) if is_decode_step else None
                 exit_trace.record(last_loops[:, None], steps)
             return LoopedMoeCausalLMOutputWithPast(
@@ -572,10 +586,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         if need_loop_logits:
             loop_logits = tuple(self.lm_head(slice_logits_to_keep(state, logits_to_keep))
                                 for state in outputs.loop_exit_states[:-1]) + (logits,)
-        if exit_trace is not None and (exit_loop is not None or self.config.exit_loop is not None):
-            static_loops = torch.full((logits.shape[0],), self.model.resolve_exit_loop(exit_loop))
-            steps = depth_steps_used(self.config, static_loops, adaptive=False) if is_decode_step else None
-            exit_trace.record(static_loops[:, None], steps)
+        if recording:
+            self._record_static_exit(exit_trace, exit_loop, logits.shape[0], is_decode_step)
 
         loss = None if labels is None else self._language_modeling_loss(logits, loop_logits, weights, labels, **kwargs)
         aux_loss = z_loss = None
@@ -613,6 +625,32 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             router_logits, self.config.num_experts_per_tok, self.config.router_scoring, token_mask
         )
         return aux_loss, router_z_loss(router_logits, token_mask)
+
+    def _record_static_exit(self, exit_trace: ExitTrace, exit_loop: int | None, batch_size: int,
+                            is_decode_step: bool) -> None:
+        """Record a fixed-depth call's exit (nothing when every loop runs) into `generate`'s exit trace."""
+        if exit_loop is None and self.config.exit_loop is None:
+            return
+        static_loops = torch.full((batch_size,), self.model.resolve_exit_loop(exit_loop))
+        steps = depth_steps_used(self.config, static_loops, adaptive=False) if is_decode_step else None
+        exit_trace.record(static_loops[:, None], steps)
+
+    def get_compiled_call(self, compile_config) -> Callable:
+        """transformers' compiled forward for static-cache decoding, with `generate`'s exit trace recorded outside
+        the graph (a per-call Python object would otherwise be traced, and guarded on, at every step)."""
+        compiled_call = super().get_compiled_call(compile_config)
+
+        def call(*args, exit_trace: ExitTrace | None = None, **kwargs):
+            if exit_trace is None:
+                return compiled_call(*args, **kwargs)
+            inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+            is_decode_step = is_decode_step_of(cache, inputs.shape[1])  # before the call writes the cache
+            outputs = compiled_call(*args, **kwargs)
+            self._record_static_exit(exit_trace, kwargs.get("exit_loop"), inputs.shape[0], is_decode_step)
+            return outputs
+
+        return call
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, recording per generated token the loops used under early exit.
