@@ -11,9 +11,11 @@
 
 Relative FLOPs follow `modeling_looped_moe.eval.exits` (the config's FLOP accounting for looped-moe models, the
 layer fraction i/L for others). Writes `OUTPUT.json` (one point per exit and threshold, every metric) and
-`OUTPUT.png` (one panel per task: its main metric against relative FLOPs, one line per model). Tasks are looked up in
-`eval/tasks/` and, unless all are local, among lm-eval's built-in tasks (which download from the Hub). Each point
-runs lm-eval afresh without its request cache (which would return stale results across exits).
+`OUTPUT.png` (one panel per task: its main metric against relative FLOPs, one line per model), and prints a table of
+each task's main metric against the mean loops run per token. Tasks are looked up in `eval/tasks/` (among them the
+offline benchmark groups `looped_moe_standard_mc` and `looped_moe_olmes_core9`) and, unless all are local, among
+lm-eval's built-in tasks (which download from the Hub). Each point runs lm-eval afresh without its request cache
+(which would return stale results across exits).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from tqdm.auto import tqdm
 
 from modeling_looped_moe.command_line import parse_key_values
 
-PRIMARY_METRICS = {"local_blimp": "acc", "local_perplexity": "bits_per_byte", "local_cloze": "acc"}
+# The main metric of the project's tasks; the OLMES tasks and their Core-9 group report `primary_score`.
+PRIMARY_METRICS = {"local_blimp": "acc", "local_perplexity": "bits_per_byte", "local_cloze": "acc",
+                   "looped_moe_standard_mc": "acc", "looped_moe_olmes_core9": "primary_score"}
 
 
 def parse_thresholds(items: list[str] | None) -> dict[str, list[float]]:
@@ -64,8 +68,9 @@ def split_results(results: dict) -> tuple[dict[str, dict[str, float]], dict[str,
 
 
 def primary_metric(task: str, metrics: dict[str, float], overrides: dict[str, str]) -> str:
-    """The metric plotted for `task`: `--plot-metric`, the local tasks' main metric, else the first one reported."""
-    for name in (overrides.get(task), PRIMARY_METRICS.get(task)):
+    """The metric plotted for `task`: `--plot-metric`, the project tasks' main metric, an OLMES `primary_score`, else
+    the first one reported."""
+    for name in (overrides.get(task), PRIMARY_METRICS.get(task), "primary_score"):
         if name and name in metrics:
             return name
     return next(iter(metrics))
@@ -265,11 +270,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return sweep
 
 
+def _mean_loops(point: dict[str, Any]) -> str:
+    """Loops run per token at a looped model's point ("-" for layer exits)."""
+    return f"{point['stats']['mean_exit_loop']:.2f}" if "mean_exit_loop" in point["stats"] else "-"
+
+
 def summary_table(sweep: dict[str, Any], metric_overrides: dict[str, str] | None = None) -> str:
-    """A Markdown table: one row per point, the main metric of each task."""
+    """A Markdown table: one row per point (with the mean loops run per token of a looped model), the main metric of
+    each task."""
     metric_overrides = metric_overrides or {}
     tasks = sorted({task for model in sweep["models"] for p in model["points"] for task in p["metrics"]})
-    header = ["model", "exit", "rel. FLOPs", "rel. depth"]
+    header = ["model", "exit", "mean loops", "rel. FLOPs", "rel. depth"]
     columns = []
     for task in tasks:
         first = next(p["metrics"][task] for model in sweep["models"] for p in model["points"] if task in p["metrics"])
@@ -279,7 +290,8 @@ def summary_table(sweep: dict[str, Any], metric_overrides: dict[str, str] | None
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * 2 + " ---: |" * (len(header) - 2)]
     for model in sweep["models"]:
         for p in model["points"]:
-            cells = [Path(model["model"]).name, p["label"], f"{p['relative_flops']:.3f}", f"{p['relative_depth']:.3f}"]
+            cells = [Path(model["model"]).name, p["label"], _mean_loops(p), f"{p['relative_flops']:.3f}",
+                     f"{p['relative_depth']:.3f}"]
             cells += [f"{p['metrics'].get(t, {}).get(m, float('nan')):.4f}" for t, m in columns]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
