@@ -11,7 +11,7 @@ from .compat_looped_moe import CACHE_NAME
 
 QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
-EXIT_CRITERIA = ("entropy", "confidence", "kl")
+EXIT_CRITERIA = ("entropy", "confidence", "kl", "gate")
 EXIT_KV_POLICIES = ("propagate", "copy")
 LOOP_CONDITIONING_OPTIONS = ("none", "embedding", "iter_adaln")
 LOOP_INPUT_INJECTION_OPTIONS = ("none", "add")
@@ -114,7 +114,16 @@ class LoopedMoeConfig(PreTrainedConfig):
             `"entropy"` (exit when the exit distribution's entropy in nats is <= `exit_threshold`), `"confidence"`
             (exit when its top probability is >= `exit_threshold`) or `"kl"` (exit when KL(p_k || p_{k-1}) between
             successive loop outputs is <= `exit_threshold`).
+            `"gate"` exits when the learned exit gate's probability is >= `exit_threshold` (needs `exit_gate`); it
+            reads the loop's output state, so rows that stay in the loop skip the coda, final norm and head.
         exit_threshold (`float`, *optional*): Threshold of `exit_criterion`.
+        exit_gate (`bool`, defaults to `False`): Add a learned exit gate: one linear probe per loop boundary on the
+            RMS-normalised loop output, predicting that the remaining loops improve the token's next-token loss by
+            at most `exit_gate_margin` nats. It trains on detached states (its loss never moves the language model),
+            jointly through `exit_gate_loss_coef` or afterwards with `looped-moe-train-exit-gate`.
+        exit_gate_margin (`float`, defaults to 0.1): Loss improvement (nats) below which the gate's target is to exit.
+        exit_gate_loss_coef (`float`, defaults to 1.0): Weight of the gate's binary cross-entropy in the training loss
+            (with labels and `exit_gate`); 0 trains the language model alone.
         exit_kv_policy (`str`, defaults to `"propagate"`): Keys/values written for the loops a token skipped:
             `"propagate"` projects the exit hidden state through each skipped layer's norm and K/V projections;
             `"copy"` reuses the token's keys/values from the same layer in its last computed loop.
@@ -169,6 +178,9 @@ class LoopedMoeConfig(PreTrainedConfig):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         exit_kv_policy: str = "propagate",
+        exit_gate: bool = False,
+        exit_gate_margin: float = 0.1,
+        exit_gate_loss_coef: float = 1.0,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -366,6 +378,13 @@ class LoopedMoeConfig(PreTrainedConfig):
                      f"must be one of {EXIT_CRITERIA} or None, got {self.exit_criterion!r}")
             _require(isinstance(self.exit_threshold, (int, float)) and not isinstance(self.exit_threshold, bool),
                      "exit_threshold", f"must be a number when exit_criterion is set, got {self.exit_threshold!r}")
+        _require(isinstance(self.exit_gate, bool), "exit_gate", f"must be a bool, got {self.exit_gate!r}")
+        if self.exit_criterion == "gate":
+            _require(self.exit_gate, "exit_criterion", "'gate' needs a model with an exit gate (exit_gate=True)")
+        for field in ("exit_gate_margin", "exit_gate_loss_coef"):
+            value = getattr(self, field)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, field,
+                     f"must be a number >= 0, got {value!r}")
         _require(self.exit_kv_policy in EXIT_KV_POLICIES, "exit_kv_policy",
                  f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
         _require(self.loop_conditioning in LOOP_CONDITIONING_OPTIONS, "loop_conditioning",

@@ -6,7 +6,8 @@ Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
   exits adaptively.
 - In a decode step (one new token per row, with a cache), each row runs loop after loop and leaves as soon as its
   criterion fires; the rows still active are gathered into a smaller batch, so an exited row costs no further
-  attention or expert work. At every boundary the active rows are scored through coda, final norm and head.
+  attention or expert work. At every boundary the active rows are scored through coda, final norm and head; with
+  the learned gate (`exit_criterion="gate"`) the gate decides on the loop output and only exiting rows are scored.
 - Later tokens attend to every loop's cache slot, so an exited token still writes keys/values there:
   `exit_kv_policy="propagate"` projects its exit hidden state through each skipped layer's input norm and K/V
   projections (cheap: no attention, no MLP); `"copy"` reuses the keys/values it wrote in the same layer of the last
@@ -30,7 +31,7 @@ class AdaptiveExit:
     """Settings of a per-row adaptive exit decode step.
 
     Args:
-        criterion: `"entropy"`, `"confidence"` or `"kl"`.
+        criterion: `"entropy"`, `"confidence"`, `"kl"` or `"gate"` (the model's learned exit gate).
         threshold: The criterion's threshold.
         kv_policy: `"propagate"` or `"copy"` (keys/values for skipped loops).
         lm_head: The output projection used to score every loop boundary.
@@ -55,13 +56,13 @@ def validate_adaptive_exit(settings: AdaptiveExit) -> None:
         raise ValueError(f"exit_kv_policy must be one of {EXIT_KV_POLICIES}, got {settings.kv_policy!r}")
 
 
-def depth_steps_used(config, exit_loops: torch.Tensor, adaptive: bool) -> torch.Tensor:
+def depth_steps_used(config, exit_loops: torch.Tensor, scores_every_boundary: bool) -> torch.Tensor:
     """Depth-step applications per row for tokens that exited after `exit_loops` loops.
 
-    An adaptive step scores every boundary it reaches, so its coda runs once per loop run; a static exit runs the
-    coda once.
+    A logit criterion (entropy, confidence, KL) scores every boundary a row reaches, so its coda runs once per loop
+    run; a static exit and the learned gate run the coda once, at the exit.
     """
-    return config.depth_steps_run(exit_loops, exit_loops if adaptive else 1)
+    return config.depth_steps_run(exit_loops, exit_loops if scores_every_boundary else 1)
 
 
 def is_decode_step_of(cache: Cache | None, query_length: int) -> bool:
@@ -264,6 +265,10 @@ def adaptive_decode_step(
     batch_size = hidden_states.shape[0]
     num_loops = settings.max_loop or config.num_loops
     cos, sin = position_embeddings
+
+    def embeddings_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _rows_of(cos, rows, batch_size), _rows_of(sin, rows, batch_size)
+
     for depth_step in range(config.loop_end(0)):  # the prelude
         hidden_states = model.run_depth_step(
             hidden_states, depth_step, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache
@@ -278,28 +283,39 @@ def adaptive_decode_step(
     states = hidden_states
     for loop_idx in range(num_loops):
         rows_mask = _rows_of(causal_mask, active, batch_size)
-        rows_embeddings = (_rows_of(cos, active, batch_size), _rows_of(sin, active, batch_size))
+        rows_embeddings = embeddings_of(active)
         states = _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mask, rows_embeddings,
                            cache, staging)
-        logits, coda_staging = _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings, cache,
-                                               settings.lm_head)
-        if final_logits is None:
-            final_logits = logits.new_zeros((batch_size, logits.shape[-1]))
-        fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
-        if loop_idx == num_loops - 1:
-            fires = torch.ones_like(fires)
-        exited = active[fires]
-        final_logits[exited] = logits[fires]
-        exit_loops[exited] = loop_idx + 1
-        for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
-            staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][fires],
-                        coda_staging.values[depth_step][fires])
-        if loop_idx < config.num_loops - 1 and len(exited) > 0:
-            exited_embeddings = (_rows_of(cos, exited, batch_size), _rows_of(sin, exited, batch_size))
-            _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, loop_idx,
-                                 settings.kv_policy, exited_embeddings)
-        active, previous_logits, states = active[~fires], logits[~fires], states[~fires]
-        loop_inputs = loop_inputs[~fires]
+        last = loop_idx == num_loops - 1
+        if settings.criterion == "gate":  # decide on the loop output; only exiting rows pay for coda and head
+            fires = torch.ones(len(active), dtype=torch.bool, device=states.device) if last else (
+                model.exit_gate.decide(states[:, -1], loop_idx, settings.threshold))
+            exited, coda_rows = active[fires], slice(None)
+            if len(exited) > 0:
+                exit_logits, coda_staging = _score_boundary(
+                    model, states[fires], exited, batch_size, _rows_of(causal_mask, exited, batch_size),
+                    embeddings_of(exited), cache, settings.lm_head,
+                )
+        else:  # the criterion reads the exit distribution of every active row
+            logits, coda_staging = _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings,
+                                                   cache, settings.lm_head)
+            fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
+            if last:
+                fires = torch.ones_like(fires)
+            exited, exit_logits, coda_rows = active[fires], logits[fires], fires
+            previous_logits = logits[~fires]
+        if len(exited) > 0:
+            if final_logits is None:
+                final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
+            final_logits[exited] = exit_logits
+            exit_loops[exited] = loop_idx + 1
+            for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
+                staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
+                            coda_staging.values[depth_step][coda_rows])
+            if loop_idx < config.num_loops - 1:
+                _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, loop_idx,
+                                     settings.kv_policy, embeddings_of(exited))
+        active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
         if len(active) == 0:
             break
     staging.commit(cache)
@@ -407,15 +423,18 @@ def adaptive_prefill(
             hidden_states = torch.where(exited[..., None], hidden_states, new_states)
         if loop_idx >= num_loops:
             continue  # loops beyond an exit cap only fill their cache slots
-        logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
-        flat = logits.reshape(batch * seq, -1)
-        fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
+        if settings.criterion == "gate":
+            fires = model.exit_gate.decide(hidden_states, loop_idx, settings.threshold)
+        else:
+            logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
+            flat = logits.reshape(batch * seq, -1)
+            fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
+            previous_logits = flat
         if loop_idx == num_loops - 1:
             fires = torch.ones_like(fires)
         fires &= ~exited
         exit_loops[fires] = loop_idx + 1
         exited = exited | fires
-        previous_logits = flat
     for depth_step in model.coda_steps():
         hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
     return settings.lm_head(model.norm(hidden_states)), exit_loops

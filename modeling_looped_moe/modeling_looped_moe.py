@@ -39,6 +39,7 @@ from .early_exit_looped_moe import (
     no_output_capture,
     validate_adaptive_exit,
 )
+from .exit_gate_looped_moe import LoopedMoeExitGate, exit_gate_loss
 from .losses_looped_moe import load_balancing_loss, router_z_loss
 from .moe_looped_moe import LoopedMoeMLP, LoopedMoeSparseMoeBlock, LoopedMoeTopKRouter
 from .outputs_looped_moe import (
@@ -219,6 +220,9 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.modulation_bias)
         elif isinstance(module, LoopedMoeModel) and module.loop_embeddings is not None:
             init.zeros_(module.loop_embeddings)
+        elif isinstance(module, LoopedMoeExitGate):  # p_exit = 0.5 everywhere until trained
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class LoopedMoeModel(LoopedMoePreTrainedModel):
@@ -242,6 +246,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             self.loop_embeddings = nn.Parameter(torch.zeros(config.num_loops, config.hidden_size))
         elif config.loop_conditioning == "iter_adaln":
             self.iteration_embedding = LoopedMoeIterationEmbedding(config)
+        self.exit_gate = LoopedMoeExitGate(config) if config.exit_gate else None
         self.norm = LoopedMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LoopedMoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -494,6 +499,9 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         criterion = criterion if criterion is not None else self.config.exit_criterion
         if criterion is None:
             return None
+        if criterion == "gate" and self.model.exit_gate is None:
+            raise ValueError("exit_criterion='gate' needs a model with an exit gate: build or load it with "
+                             "exit_gate=True and train the gate (jointly, or with looped-moe-train-exit-gate)")
         settings = AdaptiveExit(
             criterion=criterion,
             threshold=threshold if threshold is not None else self.config.exit_threshold,
@@ -564,7 +572,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             outputs = self.model(**model_inputs, adaptive_exit=adaptive)
             last_loops = outputs.exit_loops[:, -1]
             if recording:
-                steps = depth_steps_used(self.config, last_loops, adaptive=True) if is_decode_step else None
+                steps = (depth_steps_used(self.config, last_loops, scores_every_boundary=adaptive.criterion != "gate")
+                         if is_decode_step else None)
                 exit_trace.record(last_loops[:, None], steps)
             return LoopedMoeCausalLMOutputWithPast(
                 logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
@@ -574,7 +583,10 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
 
         record_router_logits = output_router_logits or self._router_losses_needed(labels)
         weights = self.config.loop_loss_weights if labels is not None else None
-        need_loop_logits = output_loop_logits or weights is not None
+        train_gate = labels is not None and self.model.exit_gate is not None and self.config.exit_gate_loss_coef > 0
+        need_loop_logits = output_loop_logits or weights is not None or train_gate
+        user_loop_states = bool(model_inputs.get("output_loop_hidden_states"))
+        model_inputs["output_loop_hidden_states"] = user_loop_states or train_gate
         outputs: LoopedMoeModelOutputWithPast = self.model(
             **model_inputs,
             output_router_logits=record_router_logits,
@@ -596,6 +608,11 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
                 loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+        gate_loss = None
+        if train_gate:
+            gate_loss = exit_gate_loss(self.model.exit_gate, outputs.loop_hidden_states, loop_logits, labels,
+                                       self.config.exit_gate_margin)
+            loss = loss + self.config.exit_gate_loss_coef * gate_loss.to(loss.device)
 
         return LoopedMoeCausalLMOutputWithPast(
             loss=loss,
@@ -606,8 +623,9 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if record_router_logits else None,
-            loop_hidden_states=outputs.loop_hidden_states,
+            loop_hidden_states=outputs.loop_hidden_states if user_loop_states else None,
             loop_logits=loop_logits if output_loop_logits else None,
+            exit_gate_loss=gate_loss,
         )
 
     def _language_modeling_loss(self, logits, loop_logits, weights, labels, **kwargs) -> torch.Tensor:
@@ -632,7 +650,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         if exit_loop is None and self.config.exit_loop is None:
             return
         static_loops = torch.full((batch_size,), self.model.resolve_exit_loop(exit_loop))
-        steps = depth_steps_used(self.config, static_loops, adaptive=False) if is_decode_step else None
+        steps = depth_steps_used(self.config, static_loops, scores_every_boundary=False) if is_decode_step else None
         exit_trace.record(static_loops[:, None], steps)
 
     def get_compiled_call(self, compile_config) -> Callable:

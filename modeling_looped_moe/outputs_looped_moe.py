@@ -44,9 +44,13 @@ class LoopedMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
         Logits at every loop boundary that ran (what exiting there would output), with `output_loop_logits=True`.
     exit_loops (`torch.LongTensor`, *optional*):
         With an exit criterion: the loop (from 1) each position exited at, `[batch, seq]`.
+    exit_gate_loss (`torch.FloatTensor`, *optional*):
+        Binary cross-entropy of the exit gate (with labels and `exit_gate`); included in `loss` with
+        `exit_gate_loss_coef`.
     """
 
     z_loss: torch.FloatTensor | None = None
     loop_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     loop_logits: tuple[torch.FloatTensor, ...] | None = None
     exit_loops: torch.LongTensor | None = None
+    exit_gate_loss: torch.FloatTensor | None = None

@@ -1,0 +1,82 @@
+"""The learned exit gate: a linear probe per loop boundary that decides, from the loop's output state alone, whether
+a token may stop looping, so adaptive exit need not run the LM head at every boundary.
+
+Target: at boundary k a token should exit when the remaining loops improve its next-token loss by at most
+`config.exit_gate_margin` nats (`CE_k - CE_last <= margin`). The gate reads detached states, so training it never
+moves the language model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoopedMoeExitGate(nn.Module):
+    """`p_exit(h, k) = sigmoid(w_k . rms_normalise(h) + b_k)` for loop boundary `k` (0-based), one probe per loop.
+
+    The last loop always exits, so its probe is never trained or read; it is kept so the weight is indexed by loop.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_loops, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_loops))
+        self.eps = config.rms_norm_eps
+
+    def forward(self, hidden_states: torch.Tensor, loop_idx: int) -> torch.Tensor:
+        """Exit logits `[...]` of states `[..., hidden]` at the end of loop `loop_idx`."""
+        states = hidden_states.float()
+        normed = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed @ self.weight[loop_idx].float() + self.bias[loop_idx].float()
+
+    def decide(self, hidden_states: torch.Tensor, loop_idx: int, threshold: float) -> torch.Tensor:
+        """Boolean `[...]`: the exit probability is >= `threshold`."""
+        return torch.sigmoid(self(hidden_states, loop_idx)) >= threshold
+
+
+def loop_exit_token_losses(loop_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every position at every loop boundary.
+
+    Args:
+        loop_logits: One `[batch, seq, vocab]` tensor per loop boundary.
+        labels: `[batch, seq]` labels as given to the model (shifted here; -100 is ignored).
+
+    Returns:
+        `(losses [loops, batch, seq - 1], valid [batch, seq - 1])`.
+    """
+    targets = labels[:, 1:]
+    losses = torch.stack([
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                        reduction="none").view(targets.shape)
+        for logits in loop_logits
+    ])
+    return losses, targets != -100
+
+
+def exit_gate_targets(losses: torch.Tensor, margin: float) -> torch.Tensor:
+    """Gate targets `[loops - 1, ...]` (1.0 = exit) from per-loop token losses `[loops, ...]`."""
+    return (losses[:-1] - losses[-1:] <= margin).float()
+
+
+def exit_gate_loss(
+    gate: LoopedMoeExitGate,
+    loop_hidden_states: Sequence[torch.Tensor],
+    loop_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
+    """Mean binary cross-entropy of the gate at every boundary but the last, over positions with a label.
+
+    The loop states and the targets are detached: only the gate's parameters receive gradients.
+    """
+    losses, valid = loop_exit_token_losses([logits.detach() for logits in loop_logits], labels)
+    targets = exit_gate_targets(losses, margin)
+    gate_logits = torch.stack([gate(states[:, :-1].detach(), loop_idx)
+                               for loop_idx, states in enumerate(loop_hidden_states[:-1])])
+    per_token = F.binary_cross_entropy_with_logits(gate_logits, targets, reduction="none")
+    mask = valid.expand_as(per_token)
+    return per_token[mask].mean() if mask.any() else per_token.sum() * 0.0

@@ -1,0 +1,188 @@
+"""The learned exit gate (`exit_criterion="gate"`): decisions, compute, training (joint and gate-only), checkpoints.
+
+Tokens of one model are compared exactly; losses and gradients of two computations with the fp32 tolerance.
+`initializer_range=0.3` spreads the distributions so the loops change the tokens; EOS is disabled so traces line up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FP32_ATOL, assert_fp32_close, run_child, small_config
+
+from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
+from modeling_looped_moe.exit_gate_looped_moe import exit_gate_targets
+from modeling_looped_moe.training.exit_gate import main as train_gate_main
+from modeling_looped_moe.training.exit_gate import train_exit_gate
+
+NEW_TOKENS = 6
+FIELDS = {"initializer_range": 0.3, "num_loops": 3, "eos_token_id": None, "exit_gate": True}
+
+
+def build(**overrides) -> LoopedMoeForCausalLM:
+    torch.manual_seed(0)
+    return LoopedMoeForCausalLM(small_config(**{**FIELDS, **overrides})).eval()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of lengths 6, 4 and 2, left-padded with the pad id 0."""
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def greedy(model, ids, mask=None, **kwargs):
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              return_dict_in_generate=True, **kwargs)
+
+
+def set_gate(model, weight_scale: float, bias: float, seed: int = 0) -> None:
+    """Random probe directions scaled by `weight_scale`, and one bias for every loop."""
+    gate = model.model.exit_gate
+    with torch.no_grad():
+        gate.weight.copy_(weight_scale * torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(seed)))
+        gate.bias.fill_(bias)
+
+
+def test_gate_needs_a_gated_model():
+    with pytest.raises(ValueError, match="exit_criterion: 'gate' needs a model with an exit gate"):
+        LoopedMoeConfig(**{**small_config().to_dict(), "exit_criterion": "gate", "exit_threshold": 0.5})
+    model = build(exit_gate=False)
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="needs a model with an exit gate"):
+        greedy(model, ids, mask, exit_criterion="gate", exit_threshold=0.5)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "copy"])
+@pytest.mark.parametrize("coda", [0, 1])
+def test_gate_extremes_match_static_generation(policy, coda):
+    """A gate that always fires gives `exit_loop=1`'s tokens; one that never fires gives full depth's."""
+    model = build(num_coda_layers=coda)
+    ids, mask = padded_batch()
+    gate = {"exit_criterion": "gate", "exit_threshold": 0.5, "exit_kv_policy": policy}
+    set_gate(model, 0.0, 30.0)
+    always = greedy(model, ids, mask, **gate)
+    assert torch.equal(always.sequences, greedy(model, ids, mask, exit_loop=1).sequences)
+    assert always.exit_loops.eq(1).all()
+    set_gate(model, 0.0, -30.0)
+    never = greedy(model, ids, mask, **gate)
+    assert torch.equal(never.sequences, greedy(model, ids, mask).sequences)
+    assert never.exit_loops.eq(model.config.num_loops).all()
+    assert never.compute_saved == 0.0
+
+
+@pytest.mark.parametrize("policy", ["propagate", "copy"])
+def test_gate_batched_equals_per_row_and_follows_the_probe(policy):
+    """Mixed decisions: left-padded batched generation equals each row alone, and every decode step's exit is the
+    first loop whose probe fires on that row's loop output (recomputed here from a full-depth pass)."""
+    model = build()
+    set_gate(model, 8.0, 0.0, seed=3)
+    ids, mask = padded_batch()
+    gate = {"exit_criterion": "gate", "exit_threshold": 0.5, "exit_kv_policy": policy}
+    batched = greedy(model, ids, mask, **gate)
+    assert batched.exit_loops.unique().numel() >= 2
+    for row in range(ids.shape[0]):
+        alone = greedy(model, ids[row][mask[row] == 1][None], **gate)
+        assert torch.equal(alone.sequences[0, -NEW_TOKENS:], batched.sequences[row, ids.shape[1]:]), row
+        assert torch.equal(alone.exit_loops[0], batched.exit_loops[row]), row
+
+
+def test_gate_rows_that_stay_skip_the_head():
+    """The head runs only for rows that exit: with a gate that never fires, once per row per decode step."""
+    model = build()
+    set_gate(model, 0.0, -30.0)
+    ids, mask = padded_batch()
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[0]))
+    try:
+        greedy(model, ids, mask, exit_criterion="gate", exit_threshold=0.5)
+    finally:
+        hook.remove()
+    assert head_rows[1:] == [ids.shape[0]] * (NEW_TOKENS - 1)  # after the prompt: one call per step, every row once
+
+
+def test_gate_targets_and_joint_loss_leave_the_language_model_alone():
+    """Targets follow the margin rule; the gate loss is added to the loss with its coefficient and gives the language
+    model no gradient (its states are detached), while the gate's parameters receive one."""
+    losses = torch.tensor([[2.0, 1.0], [1.5, 0.95], [1.0, 0.92]])
+    assert torch.equal(exit_gate_targets(losses, 0.1), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+
+    blocks = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    grads, outputs = {}, {}
+    for coef in (0.0, 2.0):
+        model = build(exit_gate_loss_coef=coef, loop_loss_weights=[0.5, 0.5, 1.0]).train()
+        out = model(blocks, labels=blocks)
+        out.loss.backward()
+        grads[coef] = {name: p.grad.clone() for name, p in model.named_parameters()
+                       if p.grad is not None and "exit_gate" not in name}
+        outputs[coef] = (out, model.model.exit_gate.weight.grad)
+    without, with_gate = outputs[0.0][0], outputs[2.0][0]
+    assert without.exit_gate_loss is None and outputs[0.0][1] is None
+    assert with_gate.exit_gate_loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)  # p=0.5
+    assert_fp32_close(with_gate.loss, without.loss + 2.0 * with_gate.exit_gate_loss)
+    assert outputs[2.0][1] is not None and outputs[2.0][1].abs().sum() > 0
+    assert grads[0.0].keys() == grads[2.0].keys()
+    for name in grads[0.0]:
+        torch.testing.assert_close(grads[2.0][name], grads[0.0][name], atol=FP32_ATOL, rtol=0, msg=name)
+
+
+def test_gate_only_training_changes_only_the_gate():
+    model = build()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    blocks = torch.randint(3, 96, (16, 12), generator=torch.Generator().manual_seed(4))
+    losses = train_exit_gate(model, blocks, steps=40, batch_size=8, lr=5e-2, progress=False)
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the zero gate: p = 0.5 everywhere
+    assert sum(losses[-5:]) / 5 < losses[0]
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter.detach(), before[name])
+        assert changed == name.startswith("model.exit_gate."), name
+    with pytest.raises(ValueError, match="no exit gate"):
+        train_exit_gate(build(exit_gate=False), blocks, steps=1, progress=False)
+
+
+REMOTE_GATE = """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    folder, prompts_path, out_path = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids, mask = (torch.tensor(t) for t in json.loads(open(prompts_path).read()))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                         exit_criterion="gate", exit_threshold=0.5)
+    json.dump({"sequences": out.sequences.tolist(), "exit_loops": out.exit_loops.tolist()}, open(out_path, "w"))
+"""
+
+
+def test_gate_command_saves_a_checkpoint_that_serves_remote_code(tmp_path):
+    """`looped-moe-train-exit-gate` adds a gate to a model saved without one, trains it and saves; the checkpoint
+    reloads with the gate (also through `trust_remote_code` without the package) and generates the same exits."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    source, output = tmp_path / "source", tmp_path / "gated"
+    build(exit_gate=False).save_pretrained(source)
+    vocab = {f"w{i}": i for i in range(96)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", unk_token="w3").save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(600)))
+
+    assert train_gate_main([str(source), "--output", str(output), "--text", str(text), "--steps", "20",
+                            "--batch-size", "4", "--block-size", "16"]) == 0
+    loaded = LoopedMoeForCausalLM.from_pretrained(output).eval()
+    assert loaded.config.exit_gate and loaded.model.exit_gate.weight.abs().sum() > 0
+    ids, mask = padded_batch()
+    expected = greedy(loaded, ids, mask, exit_criterion="gate", exit_threshold=0.5)
+
+    prompts_path, out_path = tmp_path / "prompts.json", tmp_path / "out.json"
+    prompts_path.write_text(json.dumps([ids.tolist(), mask.tolist()]))
+    run_child(REMOTE_GATE, [output, prompts_path, out_path], tmp_path, hide_package=True)
+    payload = json.loads(out_path.read_text())
+    assert torch.equal(torch.tensor(payload["sequences"]), expected.sequences)
+    assert torch.equal(torch.tensor(payload["exit_loops"]), expected.exit_loops)
