@@ -90,14 +90,16 @@ def default_context_length(config: Any) -> int:
     return int(min(2048, getattr(config, "max_position_embeddings", 2048) or 2048))
 
 
-def looped_exit_flops(config: Any, exit_loop: int, adaptive: bool = False, context_length: int | None = None) -> float:
+def looped_exit_flops(config: Any, exit_loop: int, adaptive: bool = False, context_length: int | None = None,
+                      criterion: str = "entropy") -> float:
     """Forward FLOPs per token of a looped-moe model leaving the loop block after loop `exit_loop`.
 
     Args:
         config: A `LoopedMoeConfig`.
         exit_loop: Loops run, from 1 to `config.num_loops`.
-        adaptive: Also count scoring each of the `exit_loop - 1` earlier boundaries (coda, norm and head).
+        adaptive: Also count scoring each of the `exit_loop - 1` earlier boundaries (see `boundary_scoring_flops`).
         context_length: Keys per query for the attention term (default: `default_context_length`).
+        criterion: The adaptive exit criterion (`"gate"` scores a boundary with its probe only).
 
     Returns:
         FLOPs per token.
@@ -107,12 +109,16 @@ def looped_exit_flops(config: Any, exit_loop: int, adaptive: bool = False, conte
     context_length = default_context_length(config) if context_length is None else context_length
     flops = _with_loops(config, exit_loop).forward_flops_per_token(context_length)
     if adaptive and exit_loop > 1:
-        flops += (exit_loop - 1) * boundary_scoring_flops(config, context_length)
+        flops += (exit_loop - 1) * boundary_scoring_flops(config, context_length, criterion)
     return float(flops)
 
 
-def boundary_scoring_flops(config: Any, context_length: int | None = None) -> float:
-    """FLOPs per token of scoring one loop boundary: the coda layers, the final norm (ignored) and the LM head."""
+def boundary_scoring_flops(config: Any, context_length: int | None = None, criterion: str = "entropy") -> float:
+    """FLOPs per token of scoring one loop boundary a token does not exit at: for the logit criteria the coda layers,
+    the final norm (ignored) and the LM head; for the learned gate its probe (norm ignored; coda and head run once,
+    at the exit, as for a static exit)."""
+    if criterion == "gate":
+        return 2.0 * config.hidden_size
     context_length = default_context_length(config) if context_length is None else context_length
     flops = 2.0 * config.vocab_size * config.hidden_size
     for layer_idx, _ in config.depth_schedule()[config.coda_start:]:
@@ -122,15 +128,16 @@ def boundary_scoring_flops(config: Any, context_length: int | None = None) -> fl
 
 
 def looped_relative_flops(config: Any, exit_loop_counts: dict[int, int] | None = None, exit_loop: int | None = None,
-                          context_length: int | None = None) -> float:
-    """Relative FLOPs of a static exit (`exit_loop`) or of adaptive exits (histogram `exit_loop_counts`)."""
+                          context_length: int | None = None, criterion: str = "entropy") -> float:
+    """Relative FLOPs of a static exit (`exit_loop`) or of adaptive exits (histogram `exit_loop_counts`) under
+    `criterion`."""
     full = looped_exit_flops(config, config.num_loops, context_length=context_length)
     if exit_loop_counts is None:
         return looped_exit_flops(config, exit_loop, context_length=context_length) / full
     total = sum(exit_loop_counts.values())
     if total == 0:
         raise ValueError("no exits were recorded")
-    cost = sum(n * looped_exit_flops(config, k, adaptive=True, context_length=context_length)
+    cost = sum(n * looped_exit_flops(config, k, adaptive=True, context_length=context_length, criterion=criterion)
                for k, n in exit_loop_counts.items())
     return cost / total / full
 

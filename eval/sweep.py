@@ -133,7 +133,7 @@ def sweep_model(path: str, args: argparse.Namespace, task_manager, metadata: dic
                 mean_exit = float(point.exit)
             else:
                 relative_flops = looped_relative_flops(model.config, exit_loop_counts=recorder.counts,
-                                                       context_length=context_length)
+                                                       context_length=context_length, criterion=point.criterion)
                 mean_exit = recorder.mean_exit_loop
                 point.stats["exit_loop_counts"] = {str(k): v for k, v in sorted(recorder.counts.items())}
             relative_depth = looped_relative_depth(model.config, mean_exit)

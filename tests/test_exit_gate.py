@@ -7,6 +7,7 @@ Tokens of one model are compared exactly; losses and gradients of two computatio
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,20 +159,30 @@ REMOTE_GATE = """
 """
 
 
+def save_with_tokenizer(model: LoopedMoeForCausalLM, folder: Path) -> Path:
+    """Save `model` with a word-level tokenizer over its vocabulary (`w0` .. `w95`, whitespace-separated)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder)
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2",
+                            unk_token="w3").save_pretrained(folder)
+    return folder
+
+
+def word_text(folder: Path, words: int = 600) -> Path:
+    path = folder / "text.txt"
+    path.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(words)))
+    return path
+
+
 def test_gate_command_saves_a_checkpoint_that_serves_remote_code(tmp_path):
     """`looped-moe-train-exit-gate` adds a gate to a model saved without one, trains it and saves; the checkpoint
     reloads with the gate (also through `trust_remote_code` without the package) and generates the same exits."""
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    source, output = tmp_path / "source", tmp_path / "gated"
-    build(exit_gate=False).save_pretrained(source)
-    vocab = {f"w{i}": i for i in range(96)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", unk_token="w3").save_pretrained(source)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(600)))
+    source = save_with_tokenizer(build(exit_gate=False), tmp_path / "source")
+    output, text = tmp_path / "gated", word_text(tmp_path)
 
     assert train_gate_main([str(source), "--output", str(output), "--text", str(text), "--steps", "20",
                             "--batch-size", "4", "--block-size", "16"]) == 0
@@ -186,3 +197,30 @@ def test_gate_command_saves_a_checkpoint_that_serves_remote_code(tmp_path):
     payload = json.loads(out_path.read_text())
     assert torch.equal(torch.tensor(payload["sequences"]), expected.sequences)
     assert torch.equal(torch.tensor(payload["exit_loops"]), expected.exit_loops)
+
+
+def test_gate_in_the_exit_sweep(tmp_path):
+    """The exit sweep (lm-eval `--model hf` underneath) takes `gate=T` thresholds: a gate that always fires scores
+    and costs what loop 1 does; one that never fires scores what full depth does, at full depth's cost plus only
+    the probes (no head per boundary)."""
+    from modeling_looped_moe.eval import sweep as sweep_command
+    from modeling_looped_moe.eval.exits import looped_exit_flops
+
+    model = build()
+    set_gate(model, 8.0, 0.0, seed=3)
+    folder = save_with_tokenizer(model, tmp_path / "gated")
+    sweep = sweep_command.main([
+        "--model", str(folder), "--tasks", "local_perplexity", "--metadata", f"text_path={word_text(tmp_path)}",
+        "--thresholds", "gate=0.0,1.01", "--batch-size", "8", "--output", str(tmp_path / "sweep")])
+    loop1, _, loop3, always, never = sweep["models"][0]["points"]
+    assert (always["kind"], always["criterion"], never["threshold"]) == ("threshold", "gate", 1.01)
+    assert always["stats"]["mean_exit_loop"] == 1.0 and never["stats"]["mean_exit_loop"] == 3.0
+    bits = {name: point["metrics"]["local_perplexity"]["bits_per_byte"]
+            for name, point in {"loop1": loop1, "loop3": loop3, "always": always, "never": never}.items()}
+    assert bits["always"] == pytest.approx(bits["loop1"], rel=1e-5)
+    assert bits["never"] == pytest.approx(bits["loop3"], rel=1e-5)
+    assert always["relative_flops"] == pytest.approx(loop1["relative_flops"])
+    config = model.config
+    probes = (config.num_loops - 1) * 2.0 * config.hidden_size  # one probe (2 * hidden FLOPs) per early boundary
+    full = looped_exit_flops(config, config.num_loops, context_length=sweep["models"][0]["flops_context_length"])
+    assert never["relative_flops"] == pytest.approx(1.0 + probes / full, rel=1e-9)
