@@ -96,19 +96,26 @@ def per_loop_perplexity(config, nll: torch.Tensor) -> list[dict[str, float]]:
     ]
 
 
-@torch.no_grad()
 def entropy_exit_sweep(model, blocks: torch.Tensor, thresholds: list[float], batch_size: int = 16,
                        progress: bool = True) -> list[dict]:
-    """Perplexity and compute of the model's own adaptive entropy exit at each threshold.
+    """[`adaptive_exit_sweep`] with `exit_criterion="entropy"`."""
+    return adaptive_exit_sweep(model, blocks, "entropy", thresholds, batch_size, progress)
 
-    Each threshold runs `model(blocks, exit_criterion="entropy", exit_threshold=t)`: every position leaves after the
-    first loop whose exit distribution has entropy <= `t` (else after the last loop), and later positions attend to
-    the keys/values an exited token writes under the config's `exit_kv_policy`, as in decoding.
+
+@torch.no_grad()
+def adaptive_exit_sweep(model, blocks: torch.Tensor, criterion: str, thresholds: list[float], batch_size: int = 16,
+                        progress: bool = True) -> list[dict]:
+    """Perplexity and compute of the model's own adaptive exit under `criterion` at each threshold.
+
+    Each threshold runs `model(blocks, exit_criterion=criterion, exit_threshold=t)`: every position leaves after the
+    first loop whose criterion fires (e.g. exit distribution with entropy <= `t`; else after the last loop), and later
+    positions attend to the keys/values an exited token writes under the config's `exit_kv_policy`, as in decoding.
 
     Args:
         model: A `LoopedMoeForCausalLM` in eval mode.
         blocks: Held-out token blocks `[n, length]`.
-        thresholds: Entropy thresholds in nats.
+        criterion: `"entropy"`, `"confidence"`, `"kl"` or `"gate"`.
+        thresholds: The criterion's thresholds (entropy in nats).
         batch_size: Blocks per forward.
         progress: Show a progress bar.
 
@@ -121,7 +128,7 @@ def entropy_exit_sweep(model, blocks: torch.Tensor, thresholds: list[float], bat
     config = model.config
     rows = []
     for threshold in tqdm(thresholds, desc="exit thresholds", disable=not progress, leave=False):
-        nll, exit_loops = adaptive_token_losses(model, blocks, batch_size, exit_criterion="entropy",
+        nll, exit_loops = adaptive_token_losses(model, blocks, batch_size, exit_criterion=criterion,
                                                 exit_threshold=threshold)
         fraction = depth_fraction(config, exit_loops.double()).mean().item()
         rows.append({"threshold": threshold, "perplexity": math.exp(nll.double().mean().item()),
@@ -183,6 +190,7 @@ def summarise_sweep(per_loop: list[dict], sweep: list[dict], tolerance: float = 
 
 
 __all__ = [
+    "adaptive_exit_sweep",
     "adaptive_token_losses",
     "depth_fraction",
     "entropy_exit_sweep",

@@ -227,6 +227,7 @@ class _Staging:
     def __init__(self):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slots written through, every row at once
 
     def put(self, depth_step: int, rows: torch.Tensor, batch_size: int, key_states, value_states) -> None:
         if depth_step not in self.keys:
@@ -235,9 +236,30 @@ class _Staging:
         self.keys[depth_step][rows] = key_states
         self.values[depth_step][rows] = value_states
 
+    def new_key_values(self, depth_step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values of `rows` this step gives slot `depth_step` (staged or written through)."""
+        keys, values = self.written.get(depth_step, (self.keys.get(depth_step), self.values.get(depth_step)))
+        return keys[rows], values[rows]
+
     def commit(self, cache: Cache) -> None:
         for depth_step in sorted(self.keys):
             cache.update(self.keys[depth_step], self.values[depth_step], depth_step)
+
+
+class _WriteThrough:
+    """Cache proxy for a loop that every row computes: its slots are written at once, as at full depth (no staging
+    and no private copy of the past), and the new keys/values are remembered for rows that exit after it."""
+
+    def __init__(self, cache: Cache, staging: _Staging):
+        self.cache = cache
+        self.staging = staging
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, depth_step: int, *args, **kwargs):
+        self.staging.written[depth_step] = (key_states, value_states)
+        return self.cache.update(key_states, value_states, depth_step, *args, **kwargs)
+
+    def get_seq_length(self, depth_step: int = 0) -> int:
+        return self.cache.get_seq_length(depth_step)
 
 
 def adaptive_decode_step(
@@ -313,9 +335,9 @@ def adaptive_decode_step(
                 staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
                             coda_staging.values[depth_step][coda_rows])
             if loop_idx < config.num_loops - 1:
-                _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, loop_idx,
+                _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
                                      settings.kv_policy, embeddings_of(exited))
-        active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
+            active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
         if len(active) == 0:
             break
     staging.commit(cache)
@@ -330,7 +352,8 @@ def _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mas
     def stage(depth_step, key_states, value_states):
         staging.put(depth_step, active, batch_size, key_states, value_states)
 
-    view = StagedCacheView(cache, active if len(active) < batch_size else None, stage)
+    # A loop all rows still run gets direct writes; after the first exit the slots also take skipped rows' values.
+    view = _WriteThrough(cache, staging) if len(active) == batch_size else StagedCacheView(cache, active, stage)
     for offset in range(config.num_loop_layers):
         states = model.run_depth_step(
             states, config.loop_depth_step(loop_idx, offset), loop_input=loop_inputs,
@@ -441,7 +464,7 @@ def adaptive_prefill(
 
 
 def _stage_skipped_loops(
-    model, staging: _Staging, exit_states, loop_inputs, rows, exit_loop_idx, kv_policy, position_embeddings
+    model, staging: _Staging, exit_states, loop_inputs, rows, batch_size, exit_loop_idx, kv_policy, position_embeddings
 ):
     """Keys/values of the loops that `rows` skip, following `kv_policy`.
 
@@ -449,14 +472,13 @@ def _stage_skipped_loops(
     still at its exit state: the exit state, entering a loop with that loop's embedding and re-injected input.
     """
     config = model.config
-    batch_size = next(iter(staging.keys.values())).shape[0]
     loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
     for offset in range(config.num_loop_layers):
         computed_step = config.loop_depth_step(exit_loop_idx, offset)
         key_value = None
         for later_loop in range(exit_loop_idx + 1, config.num_loops):
             if kv_policy == "copy":
-                key_value = staging.keys[computed_step][rows], staging.values[computed_step][rows]
+                key_value = staging.new_key_values(computed_step, rows)
             elif key_value is None or loop_dependent:
                 key_value = model.standing_key_values(exit_states, later_loop, offset, loop_inputs,
                                                       position_embeddings)

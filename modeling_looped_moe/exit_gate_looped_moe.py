@@ -8,6 +8,7 @@ moves the language model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,14 +29,19 @@ class LoopedMoeExitGate(nn.Module):
         self.eps = config.rms_norm_eps
 
     def forward(self, hidden_states: torch.Tensor, loop_idx: int) -> torch.Tensor:
-        """Exit logits `[...]` of states `[..., hidden]` at the end of loop `loop_idx`."""
-        states = hidden_states.float()
-        normed = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed @ self.weight[loop_idx].float() + self.bias[loop_idx].float()
+        """Exit logits `[...]` of states `[..., hidden]` at the end of loop `loop_idx` (computed in float32)."""
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        return torch.addmv(self.bias[loop_idx].float(), normed.flatten(0, -2), self.weight[loop_idx].float()).view(
+            hidden_states.shape[:-1])
 
     def decide(self, hidden_states: torch.Tensor, loop_idx: int, threshold: float) -> torch.Tensor:
-        """Boolean `[...]`: the exit probability is >= `threshold`."""
-        return torch.sigmoid(self(hidden_states, loop_idx)) >= threshold
+        """Boolean `[...]`: the exit probability is >= `threshold`, compared as logits (no sigmoid per boundary;
+        a threshold <= 0 always fires, one >= 1 never does for a finite logit)."""
+        if 0.0 < threshold < 1.0:
+            bound = math.log(threshold / (1.0 - threshold))
+        else:
+            bound = -math.inf if threshold <= 0.0 else math.inf
+        return self(hidden_states, loop_idx) >= bound
 
 
 def loop_exit_token_losses(loop_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
