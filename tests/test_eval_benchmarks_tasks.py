@@ -182,6 +182,7 @@ def test_builtin_task_requests_on_cached_documents(name, our_tasks, builtin_task
         assert ours.doc_to_choice(mine) == builtin.doc_to_choice(theirs)
     assert ours.aggregation() == builtin.aggregation() and ours.higher_is_better() == builtin.higher_is_better()
     assert ours.VERSION == builtin.VERSION
+    assert not list(data_dir().rglob("cache-*.arrow"))  # `process_docs` ran in memory, not into the cache folder
 
 
 @needs_data
