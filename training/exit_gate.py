@@ -2,7 +2,8 @@
 
     looped-moe-train-exit-gate MODEL_DIR --output DIR [--text FILE_OR_DIR ...] [--steps 300] [--margin 0.1]
 
-A model saved without a gate gets one (`exit_gate=True`, zero-initialised). Each step runs the frozen model once on a
+A model saved without a gate gets one (`exit_gate=True`, zero-initialised). It trains on the training part of the
+project's train/held-out split of the text (`data.split_documents`). Each step runs the frozen model once on a
 batch of blocks (every loop, no gradients) and updates the gate on its targets (see `exit_gate_looped_moe`), so a
 few hundred steps take minutes on a CPU. Without `--text` it trains on Python's own documentation.
 """
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_looped_moe import LoopedMoeForCausalLM
-from modeling_looped_moe.data import python_docs_corpus, read_texts, token_blocks
+from modeling_looped_moe.data import python_docs_documents, read_text_files, split_documents, token_blocks
 from modeling_looped_moe.exit_gate_looped_moe import exit_gate_loss
 
 
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"exit_gate": True} if args.margin is None else {"exit_gate": True, "exit_gate_margin": args.margin}
     model = LoopedMoeForCausalLM.from_pretrained(args.model, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    text = read_texts(args.text) if args.text else python_docs_corpus()
-    blocks = token_blocks(tokenizer(text)["input_ids"], args.block_size)
+    # The training part of the project's one train/held-out split, so held-out perplexities stay unseen by the gate.
+    train_documents, _ = split_documents(read_text_files(args.text) if args.text else python_docs_documents())
+    blocks = token_blocks(tokenizer("\n\n".join(train_documents))["input_ids"], args.block_size)
     losses = train_exit_gate(model, blocks, args.steps, args.batch_size, args.lr, args.seed)
     output = Path(args.output)
     model.save_pretrained(output)
