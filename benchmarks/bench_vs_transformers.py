@@ -10,7 +10,8 @@ with interleaved min-of-N timing (A, B, A, B, ...; the fastest run of each is ke
   with the dynamic and the static cache, and forward/decode with each experts kernel (`eager`, `grouped_mm`);
 * a looped native model (2 loops) against its unrolled twin holding the same weights at every depth step;
 * each exit mode of that 2-loop model against full depth: static `exit_loop=1`, adaptive entropy exit where every
-  token exits at loop 1 (huge threshold), adaptive exit where no token exits (threshold -1).
+  token exits at loop 1 (huge threshold) and where no token exits (threshold -1), and the same two cases with the
+  learned exit gate (untrained, so thresholds 0 and 1.01 make it fire always or never).
 
 Ratios are reference time / our time (transformers / ours, unrolled / looped, full depth / with exit): above 1.0 is
 faster. Nothing is asserted about times; this is a script, not a test.
@@ -117,7 +118,7 @@ def unrolled_twin(looped: LoopedMoeForCausalLM) -> LoopedMoeForCausalLM:
     config = looped.config
     schedule, bank_map = config.depth_schedule(), config.expert_bank_map()
     twin = LoopedMoeForCausalLM(derived_config(config, num_prelude_layers=0, num_loop_layers=len(schedule),
-                                               num_loops=1, num_coda_layers=0)).eval()
+                                               num_loops=1, num_coda_layers=0, exit_gate=False)).eval()
 
     def source_key(key: str) -> str:
         if match := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key):
@@ -324,9 +325,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del theirs
 
     torch.manual_seed(args.seed)
+    # With an (untrained, zero-initialised) exit gate: thresholds 0 and 1.01 make it fire always or never.
     looped = LoopedMoeForCausalLM(derived_config(ours.config, num_prelude_layers=0,
                                                  num_loop_layers=size["layers"] // 2, num_loops=2,
-                                                 num_coda_layers=0)).eval()
+                                                 num_coda_layers=0, exit_gate=True)).eval()
     del ours
     twin = unrolled_twin(looped)
     twin_diff, _ = max_logit_diff(twin, looped, input_ids)
@@ -345,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     section = "exit vs full depth (2 loops)"
     modes = {"static exit_loop=1": dict(exit_loop=1),
              "adaptive entropy, every token exits at loop 1": dict(exit_criterion="entropy", exit_threshold=1e9),
-             "adaptive entropy, no token exits": dict(exit_criterion="entropy", exit_threshold=-1.0)}
+             "adaptive entropy, no token exits": dict(exit_criterion="entropy", exit_threshold=-1.0),
+             "adaptive gate, every token exits at loop 1": dict(exit_criterion="gate", exit_threshold=0.0),
+             "adaptive gate, no token exits": dict(exit_criterion="gate", exit_threshold=1.01)}
     for name, kwargs in modes.items():
         for batch, prompt in prompts.items():
             saved = compute_saved(looped, prompt, new_tokens, **kwargs)
