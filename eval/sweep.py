@@ -103,7 +103,7 @@ def sweep_model(path: str, args: argparse.Namespace, task_manager, metadata: dic
         num_decoder_layers,
     )
 
-    lm = HFLM(pretrained=path, backend="causal", device=args.device, batch_size=args.batch_size, dtype="float32",
+    lm = HFLM(pretrained=path, backend="causal", device=args.device, batch_size=args.batch_size, dtype=args.dtype,
               trust_remote_code=args.trust_remote_code, max_length=args.max_length)
     model = lm.model.eval()
     looped = is_looped_moe(model)
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, help="model context length for lm-eval (default: from config)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations (default float32; bfloat16 for paper-scale sweeps on a GPU)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--bootstrap-iters", type=int, default=1000, help="for bootstrapped standard errors")
     parser.add_argument("--flops-context-length", type=int,
