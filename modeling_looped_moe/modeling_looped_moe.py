@@ -49,6 +49,7 @@ from .outputs_looped_moe import (
 from .speculative_looped_moe import (
     LoopDraftCandidateGenerator,
     SelfSpeculativeOutput,
+    batched_assisted_decoding,
     check_draft_loops,
     drafting_state,
     self_speculative_generate,
@@ -678,9 +679,10 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         decode steps skipped, measured on the rows actually computed) and `decode_steps`. Beam search reorders rows,
         so its per-row trace follows the beams' slots, not the returned sequences.
 
-        `assistant_early_exit=k` is transformers' self-speculative decoding over loops: drafts run loops 1..k (then the
-        coda and head) and transformers' assisted decoding verifies them at full depth, so greedy output equals
-        full-depth greedy output.
+        `assistant_early_exit=k` is self-speculative decoding over loops: drafts run loops 1..k (then the coda and
+        head) and are verified at full depth, so greedy output equals full-depth greedy output. One row runs
+        transformers' assisted decoding; a batch runs the greedy fast path (`batched_assisted_decoding`), which
+        raises `ValueError` for what it cannot serve (sampling, logits processors, streamers, ...).
         """
         return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
 
@@ -701,10 +703,19 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             logits_processor=arguments["logits_processor"],
         )
 
-    def generate_self_speculative(self, input_ids: torch.LongTensor, **kwargs) -> SelfSpeculativeOutput:
-        """The greedy fast path of `generate(assistant_early_exit=k)`, sharing one cache between drafts and
-        verification; see `self_speculative_generate`."""
-        return self_speculative_generate(self, input_ids, **kwargs)
+    def _assisted_decoding(self, input_ids: torch.LongTensor, *args, **kwargs):
+        # transformers' assisted decoding takes one row; a batch drafting from our own loops runs the fast path.
+        if (input_ids.shape[0] > 1 and kwargs.get("assistant_model") is None
+                and kwargs["generation_config"].assistant_early_exit is not None):
+            return batched_assisted_decoding(self, input_ids, *args, **kwargs)
+        return super()._assisted_decoding(input_ids, *args, **kwargs)
+
+    def generate_self_speculative(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> SelfSpeculativeOutput:
+        """The greedy fast path of `generate(assistant_early_exit=k)` for batches (left-padded with an attention
+        mask), sharing one cache between drafts and verification; see `self_speculative_generate`."""
+        return self_speculative_generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
 __all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]

@@ -536,10 +536,11 @@ def test_interrupted_draft_leaves_the_model_at_full_depth():
 
 
 def test_self_speculative_rejects_bad_arguments(model):
-    """Batches of more than one row and `draft_loops` outside 1..num_loops-1 raise `ValueError`."""
+    """`draft_loops` outside 1..num_loops-1 and prompts that are not `[batch, length]` raise `ValueError` (batches:
+    `test_self_speculative_batched.py`)."""
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError):
-        model.generate_self_speculative(ids, draft_loops=1)
+        model.generate_self_speculative(ids[0], draft_loops=1)
     for bad in (0, model.config.num_loops):
         with pytest.raises(ValueError):
             model.generate_self_speculative(ids[:1], draft_loops=bad)

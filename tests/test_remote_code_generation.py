@@ -4,7 +4,8 @@ transformers 5.24 renamed the cache argument (`past_key_values` -> `cache`); rem
 decodes without its cache on the other versions and generates wrong tokens without any error. CI runs this module
 on the oldest and the newest supported transformers. The child process cannot import the package, so only the code
 copied into the checkpoint runs; it checks cached against uncached greedy decoding, a left-padded batch against its
-rows generated alone, adaptive exit and the static cache, and returns its tokens to compare with the package's.
+rows generated alone, batched self-speculation, adaptive exit and the static cache, and returns its tokens to compare
+with the package's.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ for row in range(ids.shape[0]):
     keep = mask[row].bool()
     alone = generate(ids[row : row + 1, keep], mask[row : row + 1, keep])
     assert torch.equal(new_tokens(alone, int(keep.sum()))[0], new_tokens(cached, ids.shape[1])[row]), row
+
+# Batched self-speculation (`generate(assistant_early_exit=k)` runs the fast path for batches) equals full depth.
+speculative = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                             assistant_early_exit=1, num_assistant_tokens=3)
+assert torch.equal(speculative, cached.sequences), (speculative, cached.sequences)
 
 static = generate(ids, mask, cache_implementation="static")
 assert type(returned_cache(static)).__name__ == "StaticCache"

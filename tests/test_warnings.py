@@ -3,9 +3,9 @@ transformers logs as deprecated (e.g. `past_key_values` after the 5.24 rename).
 
 transformers logs some deprecations once per process, so the paths run in a fresh child process with
 `conftest.STRICT_DEPRECATIONS`: forward with and without a cache, generate (dynamic and static cache, beam search,
-sampling), static and adaptive exit, self-speculation, loop and router logits, a training step with the router
-losses under activation checkpointing, and save/load. The remote-code copy of the model runs under the same checks
-in `test_remote_code_generation.py` and `test_save_load.py`.
+sampling), static and adaptive exit, self-speculation (one row, and batched through `generate`), loop and router
+logits, a training step with the router losses under activation checkpointing, and save/load. The remote-code copy of
+the model runs under the same checks in `test_remote_code_generation.py` and `test_save_load.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k
 model.generate(ids, exit_loop=1, **common)
 model.generate(ids, exit_criterion="entropy", exit_threshold=4.0, return_dict_in_generate=True, **common)
 model.generate_self_speculative(ids[:1], draft_loops=1, num_draft_tokens=2, max_new_tokens=4)
+model.generate_self_speculative(ids, attention_mask=mask, draft_loops=1, num_draft_tokens=2, max_new_tokens=4)
+model.generate(ids, assistant_early_exit=1, return_dict_in_generate=True, **common)
 
 model.train()
 model.activation_checkpointing_enable()
