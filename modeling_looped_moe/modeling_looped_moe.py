@@ -1,5 +1,6 @@
 """PyTorch looped Mixture-of-Experts decoder with expert banks shared across layers and loops."""
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -240,6 +241,11 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         )
         self.bank_map = config.expert_bank_map()
         self.schedule = tuple(config.depth_schedule())  # (unique layer, loop) per depth step; fixed at build time
+        # Depth steps that enter a loop (the loop block's first layer), looked up per step instead of recomputed.
+        self.loop_entry_steps = frozenset(
+            depth_step for depth_step, (layer_idx, _) in enumerate(self.schedule)
+            if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx)
+        )
         self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
         self.loop_embeddings = None
         self.iteration_embedding = None
@@ -298,9 +304,8 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         Args:
             loop_input: The loop block's input (its first loop's entry state), needed for input re-injection.
         """
-        config = self.config
         layer_idx, loop_idx = self.schedule[depth_step]
-        if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx):
+        if depth_step in self.loop_entry_steps:
             hidden_states = self.enter_loop(hidden_states, loop_idx, loop_input)
         hidden_states, _ = self.layers[layer_idx](  # the router logits reach the outputs through the layer's hook
             hidden_states,
@@ -457,8 +462,9 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         """Every depth step up to loop `exit_loop`, then the coda and final norm (optionally each loop's exit)."""
         boundaries = self.loop_boundaries(exit_loop)
         loop_hidden_states, loop_exit_states, loop_input = [], [], None
+        loop_start = self.config.loop_end(0)
         for depth_step in self.depth_steps(exit_loop):
-            if depth_step == self.config.loop_end(0):
+            if depth_step == loop_start:
                 loop_input = hidden_states
             hidden_states = self.run_depth_step(
                 hidden_states, depth_step, loop_input=loop_input, cache=cache, **layer_kwargs
@@ -717,5 +723,11 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         mask), sharing one cache between drafts and verification; see `self_speculative_generate`."""
         return self_speculative_generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
+
+# transformers treats a model registered for an auto class as remote code and, at every generation step, computes
+# `inspect.signature(model.forward)` to look for `cache_position` (about 270 Python calls per decode step, as many as a
+# decoder layer makes). `inspect.signature` returns a function's `__signature__` when it has one: the same signature,
+# computed once.
+LoopedMoeForCausalLM.forward.__signature__ = inspect.signature(LoopedMoeForCausalLM.forward)
 
 __all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]
