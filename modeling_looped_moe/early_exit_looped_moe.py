@@ -1,9 +1,9 @@
 """Early exit at loop boundaries: exit criteria, cache views, and the compacting adaptive decode step.
 
 Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
-- Prompt tokens (any forward with more than one new token, or without a cache) run every loop; the exit of the
-  position that produces a token is chosen from its loop-boundary outputs, so the first generated token already
-  exits adaptively.
+- Prompt tokens (any forward with more than one new token, or without a cache) run every loop until all of them have
+  exited (the loops after that only write the keys/values of the skipped loops); the exit of the position that
+  produces a token is chosen from its loop-boundary outputs, so the first generated token already exits adaptively.
 - In a decode step (one new token per row, with a cache), each row runs loop after loop and leaves as soon as its
   criterion fires; the rows still active are gathered into a smaller batch, so an exited row costs no further
   attention or expert work. At every boundary the active rows are scored through coda, final norm and head; with
@@ -416,9 +416,10 @@ def adaptive_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Process several new tokens per row with per-position exits at loop boundaries.
 
-    Every position runs every loop (no compute is saved here), but a position that exited keeps its exit hidden
-    state, so later loops see it, and write for it, exactly the keys/values the decode path writes for an exited
-    token (`propagate`: projections of the frozen state; `copy`: overridden). The coda then runs once, with cache
+    Every position runs every loop until all positions have exited (no compute is saved before that), but a position
+    that exited keeps its exit hidden state, so later loops see it, and write for it, exactly the keys/values the
+    decode path writes for an exited token (`propagate`: projections of the frozen state; `copy`: overridden). Once
+    every position has exited, the remaining loops only write those keys/values. The coda then runs once, with cache
     writes, on each position's exit state.
 
     Returns:
@@ -437,6 +438,13 @@ def adaptive_prefill(
     exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
     previous_logits = None
     for loop_idx in range(config.num_loops):
+        if loop_idx > 0 and bool(exited.all()):
+            # Every position has left: the remaining loops only leave their keys/values (per the policy) in the cache,
+            # as a decode step does for a row that exits, with no attention or MLP run for them.
+            if cache is not None:
+                _write_skipped_loops(model, cache, proxy, hidden_states, loop_input, loop_idx,
+                                     layer_kwargs["position_embeddings"])
+            break
         proxy.exited = exited
         for offset in range(config.num_loop_layers):
             new_states = model.run_depth_step(
@@ -461,6 +469,21 @@ def adaptive_prefill(
     for depth_step in model.coda_steps():
         hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
     return settings.lm_head(model.norm(hidden_states)), exit_loops
+
+
+def _write_skipped_loops(model, cache: Cache, proxy: _KeyValueOverride, exit_states, loop_input, first_skipped_loop,
+                         position_embeddings) -> None:
+    """Prompt processing after every position has exited: write loops `first_skipped_loop..` into the cache with the
+    keys/values the full loops would have written for exited positions (`copy`: those of the last loop computed, which
+    `proxy` remembers; `propagate`: the skipped layers' projections of the frozen exit states)."""
+    config = model.config
+    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
+    for offset in range(config.num_loop_layers):
+        key_value = proxy.last_written[offset] if proxy.kv_policy == "copy" else None
+        for later_loop in range(first_skipped_loop, config.num_loops):
+            if key_value is None or (proxy.kv_policy == "propagate" and loop_dependent):
+                key_value = model.standing_key_values(exit_states, later_loop, offset, loop_input, position_embeddings)
+            cache.update(*key_value, config.loop_depth_step(later_loop, offset))
 
 
 def _stage_skipped_loops(

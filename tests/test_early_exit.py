@@ -406,6 +406,40 @@ def test_kv_policy_keys_of_skipped_loops_in_decode(model, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+def test_prompt_stops_looping_once_every_position_exited(model, policy):
+    """A prompt whose every position exits at loop 1 runs no attention or MLP in later loops, yet leaves in their
+    cache slots what a full loop would have written for exited positions: loop 1's keys/values (`copy`) or the skipped
+    layers' projections of the loop-1 state (`propagate`, rebuilt here from a static exit at loop 1)."""
+    ids, mask = padded_batch()
+    config, base = model.config, model.model
+    with call_log(model) as log:
+        out = model(ids, attention_mask=mask, exit_criterion="entropy", exit_threshold=ALWAYS["entropy"],
+                    exit_kv_policy=policy, use_cache=True)
+    assert out.exit_loops.eq(1).all()
+    later_loops = {slot(config, loop, offset) for loop in range(2, config.num_loops + 1)
+                   for offset in range(config.num_loop_layers)}
+    assert {step for step, _, _ in log["attention"]} == set(range(config.num_hidden_layers)) - later_loops
+    static = model(ids, attention_mask=mask, exit_loop=1, output_loop_hidden_states=True, use_cache=False)
+    assert_fp32_close(out.logits, static.logits)
+    cache = output_cache(out)
+    states = static.loop_hidden_states[-1]
+    position_ids = torch.arange(ids.shape[1])[None]  # as the forward derives them without `position_ids`
+    rotary = base.rotary_emb(states, position_ids=position_ids)
+    for offset in range(config.num_loop_layers):
+        first = cache.layers[slot(config, 1, offset)]
+        if policy == "copy":
+            keys, values = first.keys, first.values
+        else:
+            layer = base.layers[config.num_prelude_layers + offset]
+            keys, values = layer.self_attn.project_key_value(layer.input_layernorm(states), rotary)
+        for loop in range(2, config.num_loops + 1):
+            skipped = cache.layers[slot(config, loop, offset)]
+            torch.testing.assert_close(skipped.keys, keys, atol=ATOL, rtol=0)
+            torch.testing.assert_close(skipped.values, values, atol=ATOL, rtol=0)
+            assert torch.allclose(skipped.keys, first.keys) == (policy == "copy")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_never_firing_cache_equals_full_depth_cache(model, criterion, policy):
     """With a threshold that never fires, every cache slot equals full-depth generation's."""
