@@ -16,7 +16,7 @@ with interleaved min-of-N timing (A, B, A, B, ...; the fastest run of each is ke
 Ratios are reference time / our time (transformers / ours, unrolled / looped, full depth / with exit): above 1.0 is
 faster. Nothing is asserted about times; this is a script, not a test.
 
-    python benchmarks/bench_vs_transformers.py [--quick] [--repeats 3] [--threads 2]
+    python benchmarks/bench_vs_transformers.py [--quick] [--repeats 3] [--threads 2] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -174,8 +174,12 @@ def decode_fn(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **k
     return run
 
 
-def interleaved(reference: Callable[[], Any], measured: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    """Min-of-`repeats` wall times of two callables run alternately, after one warm-up each.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(reference: Callable[[], Any], measured: Callable[[], Any], repeats: int,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, Any]:
+    """Min-of-`repeats` times (by `clock`) of two callables run alternately, after one warm-up each.
 
     Returns:
         The reference's and the measured callable's fastest times (seconds), and the outputs of their last runs.
@@ -184,22 +188,22 @@ def interleaved(reference: Callable[[], Any], measured: Callable[[], Any], repea
     best = [math.inf, math.inf]
     for _ in range(repeats):
         for index, function in enumerate((reference, measured)):
-            start = time.perf_counter()
+            start = clock()
             outputs[index] = function()
-            best[index] = min(best[index], time.perf_counter() - start)
+            best[index] = min(best[index], clock() - start)
     return best[0], best[1], outputs
 
 
 class Results:
     """Collects measured rows and prints one progress line per measurement."""
 
-    def __init__(self, repeats: int):
-        self.repeats, self.rows = repeats, []
+    def __init__(self, repeats: int, clock: Callable[[], float] = time.perf_counter):
+        self.repeats, self.rows, self.clock = repeats, [], clock
 
     def measure(self, section: str, name: str, reference: Callable[[], Any], measured: Callable[[], Any],
                 **extra: Any) -> list[Any]:
         """Times `reference` against `measured`; stores and prints the row; returns both last outputs."""
-        ref_time, our_time, outputs = interleaved(reference, measured, self.repeats)
+        ref_time, our_time, outputs = interleaved(reference, measured, self.repeats, self.clock)
         row = dict(section=section, name=name, reference=ref_time, measured=our_time, ratio=ref_time / our_time,
                    **extra)
         self.rows.append(row)
@@ -245,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 3, with --quick 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (torch.set_num_threads)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or the process's CPU time (with --threads 1 it is far less disturbed by other "
+                             "jobs on a shared machine; with more threads it also counts their spin-waiting)")
     for key in SIZES["default"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int,
                             help=f"override the size's {key.replace('_', ' ')} (default {SIZES['default'][key]}, "
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
     started, machine, load_start = time.perf_counter(), machine_info(), load_average()
     print(f"machine: {machine}\nload average at start: {load_start}\nsize: {size}; threads {args.threads}; "
-          f"repeats {args.repeats}; fp32", flush=True)
+          f"repeats {args.repeats}; {args.clock} clock; fp32", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_vs_transformers_") as folder:
         theirs, ours = convert_pair(size, Path(folder))
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = {batch: torch.randint(1, size["vocab"], (batch, size["prompt"]), generator=generator)
                for batch in DECODE_BATCHES}
     new_tokens = size["new_tokens"]
-    results = Results(args.repeats)
+    results = Results(args.repeats, CLOCKS[args.clock])
 
     section = "ours vs transformers"
     results.measure(section, f"forward {size['batch']}x{size['seq']}", forward_fn(theirs, input_ids),
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{results.table()}\n\nload average at start: {load_start}; at end: {load_end}")
     print(f"CPU {machine['cpu']} ({machine['cores']} cores, {machine['flags']}, torch capability "
           f"{machine['capability']}); torch {machine['torch']}, transformers {machine['transformers']}; "
-          f"{args.threads} threads, fp32, min of {args.repeats} interleaved runs; {time.perf_counter() - started:.0f}s "
+          f"{args.threads} threads, fp32, {args.clock} clock, min of {args.repeats} interleaved runs; {time.perf_counter() - started:.0f}s "
           "in all")
     return dict(logit_diff=diff, twin_logit_diff=twin_diff, rows=results.rows, machine=machine,
                 load_start=load_start, load_end=load_end, greedy_identical=identical)

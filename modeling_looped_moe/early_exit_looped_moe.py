@@ -197,8 +197,11 @@ def no_output_capture():
 
 
 def _rows_of(tensor: torch.Tensor | BlockMask | None, rows: torch.Tensor, batch_size: int):
-    """Restrict a batch-first tensor (mask, cos/sin) or flex `BlockMask` to `rows`, leaving broadcast ones as they are."""
-    if tensor is None or tensor.shape[0] != batch_size or batch_size == 1:
+    """Restrict a batch-first tensor (mask, cos/sin) or flex `BlockMask` to `rows`, leaving broadcast ones as they are.
+
+    `rows` is always an increasing subset of the batch, so all `batch_size` of them mean the tensor as it is.
+    """
+    if tensor is None or tensor.shape[0] != batch_size or len(rows) == batch_size:
         return tensor
     if isinstance(tensor, BlockMask):
         return _block_mask_rows(tensor, rows)
@@ -327,9 +330,12 @@ def adaptive_decode_step(
             exited, exit_logits, coda_rows = active[fires], logits[fires], fires
             previous_logits = logits[~fires]
         if len(exited) > 0:
-            if final_logits is None:
-                final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
-            final_logits[exited] = exit_logits
+            if len(exited) == batch_size:  # the whole batch exits here (the rows in order): no scatter needed
+                final_logits = exit_logits
+            else:
+                if final_logits is None:
+                    final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
+                final_logits[exited] = exit_logits
             exit_loops[exited] = loop_idx + 1
             for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
                 staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],

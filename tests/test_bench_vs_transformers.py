@@ -19,7 +19,8 @@ def test_bench_vs_transformers_runs_at_a_tiny_size():
     verbosity, progress = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     try:
         result = bench.main(["--quick", "--hidden", "32", "--layers", "2", "--vocab", "128", "--batch", "1",
-                             "--seq", "16", "--prompt", "4", "--new-tokens", "2", "--repeats", "1", "--threads", "1"])
+                             "--seq", "16", "--prompt", "4", "--new-tokens", "2", "--repeats", "1", "--threads", "1",
+                             "--clock", "cpu"])
     finally:
         transformers.logging.set_verbosity(verbosity)
         if progress:
