@@ -112,11 +112,13 @@ def _reference_losses() -> tuple[list[float], float]:
     return losses, first_aux
 
 
-def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
+def _run_workers(tmp_path: Path, worker: str, while_waiting=lambda: None):
+    """Run `test_fsdp.<worker>(rank, tmp_path)` in `WORLD_SIZE` gloo processes on loopback, calling `while_waiting()`
+    in this process meanwhile; kill any process still running at the end. Returns `while_waiting()`'s result."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(PYTHONPATH=str(TESTS), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE), GLOO_SOCKET_IFNAME="lo")
-    code = "import sys\nfrom test_fsdp import _worker\n_worker(int(sys.argv[1]), sys.argv[2])"
+    code = f"import sys\nfrom test_fsdp import {worker}\n{worker}(int(sys.argv[1]), sys.argv[2])"
     processes, logs = [], []
     try:
         for rank in range(WORLD_SIZE):
@@ -125,7 +127,7 @@ def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
             processes.append(subprocess.Popen(
                 [sys.executable, "-c", code, str(rank), str(tmp_path)], cwd=tmp_path,
                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
-        reference, first_aux = _reference_losses()  # meanwhile, in this process
+        result = while_waiting()
         deadline = time.monotonic() + 300
         for process in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -138,6 +140,11 @@ def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
             log.close()
     outputs = "\n".join((tmp_path / f"rank{rank}.log").read_text()[-3000:] for rank in range(WORLD_SIZE))
     assert [process.returncode for process in processes] == [0] * WORLD_SIZE, outputs
+    return result
+
+
+def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
+    reference, first_aux = _run_workers(tmp_path, "_worker", _reference_losses)  # the reference meanwhile, here
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     model = _model()
@@ -173,3 +180,32 @@ def test_apply_fsdp2_rejects_other_models_and_no_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="init_process_group"):
         apply_fsdp2(_model())
+
+
+def _trainer_fsdp_worker(rank: int, out_dir: str) -> None:
+    """`Trainer` asked for FSDP on CPU under two processes (`torchrun`-style environment): record what it does."""
+    import torch.distributed as dist
+    from modeling_looped_moe.training.trainer import LoopedMoeTrainer, LoopedMoeTrainingArguments
+
+    args = LoopedMoeTrainingArguments(output_dir=str(Path(out_dir, "run")), use_cpu=True, report_to=[],
+                                      fsdp="full_shard auto_wrap", fsdp_config={"version": 2})
+    try:
+        LoopedMoeTrainer(model=_model(), args=args)
+        outcome = {"raised": None, "world_size": dist.get_world_size()}
+    except ValueError as error:
+        outcome = {"raised": str(error), "world_size": dist.get_world_size()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_trainer_refuses_fsdp_it_would_not_shard(tmp_path):
+    """On CPU accelerate never shards: `Trainer(fsdp=...)` under two processes would silently run DDP, full
+    parameters on every rank. `LoopedMoeTrainer` stops with a message that names `apply_fsdp2` instead."""
+    _run_workers(tmp_path, "_trainer_fsdp_worker")
+    for rank in range(WORLD_SIZE):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert outcome["world_size"] == WORLD_SIZE  # really distributed: TrainingArguments accepted fsdp
+        assert outcome["raised"] is not None and "apply_fsdp2" in outcome["raised"], outcome
+        assert "'cpu'" in outcome["raised"]

@@ -209,6 +209,16 @@ class LoopedMoeTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate switches FSDP on only for GPU-like devices: on CPU every rank would silently train the full
+            # model under DDP. Refuse instead of running something other than what was asked for.
+            raise ValueError(
+                "FSDP was requested (TrainingArguments.fsdp / --fsdp) but "
+                f"accelerate did not enable it on device type {self.args.device.type!r} (it shards only on GPU-like "
+                "devices; here every process would hold and train the full model under DDP). To shard on CPU, "
+                "shard the model with modeling_looped_moe.training.fsdp.apply_fsdp2 under torchrun instead of "
+                "Trainer's fsdp option; or drop --fsdp to train with DDP."
+            )
         limit = getattr(self.args, "max_train_seconds", None)
         if limit is not None:
             self.remove_callback(ProgressCallback)  # the time cap's own bar replaces the step bar
