@@ -477,38 +477,46 @@ def adaptive_prefill(
     return settings.lm_head(model.norm(hidden_states)), exit_loops
 
 
+def _skipped_loop_key_values(model, kv_policy: str, copied_key_values, exit_states, loop_inputs, first_skipped_loop,
+                             position_embeddings):
+    """`(depth_step, (keys, values))` for every loop-block layer of loops `first_skipped_loop..` that exited tokens
+    skip, following `kv_policy`.
+
+    `copy` repeats `copied_key_values(offset)` (what the token wrote in that layer of the last loop it computed);
+    `propagate` gives each skipped layer the keys/values of the state the token would enter it with if it stood still
+    at its exit state: the exit state, entering a loop with that loop's embedding and re-injected input (computed once
+    per layer when nothing depends on the loop).
+    """
+    config = model.config
+    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
+    for offset in range(config.num_loop_layers):
+        key_value = copied_key_values(offset) if kv_policy == "copy" else None
+        for later_loop in range(first_skipped_loop, config.num_loops):
+            if key_value is None or (kv_policy == "propagate" and loop_dependent):
+                key_value = model.standing_key_values(exit_states, later_loop, offset, loop_inputs, position_embeddings)
+            yield config.loop_depth_step(later_loop, offset), key_value
+
+
 def _write_skipped_loops(model, cache: Cache, proxy: _KeyValueOverride, exit_states, loop_input, first_skipped_loop,
                          position_embeddings) -> None:
     """Prompt processing after every position has exited: write loops `first_skipped_loop..` into the cache with the
     keys/values the full loops would have written for exited positions (`copy`: those of the last loop computed, which
-    `proxy` remembers; `propagate`: the skipped layers' projections of the frozen exit states)."""
-    config = model.config
-    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
-    for offset in range(config.num_loop_layers):
-        key_value = proxy.last_written[offset] if proxy.kv_policy == "copy" else None
-        for later_loop in range(first_skipped_loop, config.num_loops):
-            if key_value is None or (proxy.kv_policy == "propagate" and loop_dependent):
-                key_value = model.standing_key_values(exit_states, later_loop, offset, loop_input, position_embeddings)
-            cache.update(*key_value, config.loop_depth_step(later_loop, offset))
+    `proxy` remembers)."""
+    for depth_step, key_value in _skipped_loop_key_values(
+        model, proxy.kv_policy, proxy.last_written.__getitem__, exit_states, loop_input, first_skipped_loop,
+        position_embeddings,
+    ):
+        cache.update(*key_value, depth_step)
 
 
 def _stage_skipped_loops(
     model, staging: _Staging, exit_states, loop_inputs, rows, batch_size, exit_loop_idx, kv_policy, position_embeddings
 ):
-    """Keys/values of the loops that `rows` skip, following `kv_policy`.
+    """Stage the keys/values of the loops that `rows` skip after exiting at loop `exit_loop_idx` (a decode step)."""
+    def copied_key_values(offset: int):
+        return staging.new_key_values(model.config.loop_depth_step(exit_loop_idx, offset), rows)
 
-    `propagate` gives each skipped layer the keys/values of the state the token would enter it with if it stood
-    still at its exit state: the exit state, entering a loop with that loop's embedding and re-injected input.
-    """
-    config = model.config
-    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
-    for offset in range(config.num_loop_layers):
-        computed_step = config.loop_depth_step(exit_loop_idx, offset)
-        key_value = None
-        for later_loop in range(exit_loop_idx + 1, config.num_loops):
-            if kv_policy == "copy":
-                key_value = staging.new_key_values(computed_step, rows)
-            elif key_value is None or loop_dependent:
-                key_value = model.standing_key_values(exit_states, later_loop, offset, loop_inputs,
-                                                      position_embeddings)
-            staging.put(config.loop_depth_step(later_loop, offset), rows, batch_size, *key_value)
+    for depth_step, key_value in _skipped_loop_key_values(
+        model, kv_policy, copied_key_values, exit_states, loop_inputs, exit_loop_idx + 1, position_embeddings
+    ):
+        staging.put(depth_step, rows, batch_size, *key_value)
