@@ -346,3 +346,49 @@ def save_native(model: LoopedMoeForCausalLM, folder: Path) -> Path:
     model.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a child process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_gloo_workers(tmp_path: Path, module: str, worker: str, world_size: int = 2, while_waiting=lambda: None,
+                     timeout: float = 300):
+    """Run `<module>.<worker>(rank, tmp_path)` (a test module's function) in `world_size` processes with a
+    torchrun-style environment on loopback (gloo), calling `while_waiting()` in this process meanwhile; kill any
+    process still running at the end and assert every one succeeded. Returns `while_waiting()`'s result."""
+    import time
+
+    tests = Path(__file__).resolve().parent
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(tests), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+               GLOO_SOCKET_IFNAME="lo")
+    code = f"import sys\nfrom {module} import {worker}\n{worker}(int(sys.argv[1]), sys.argv[2])"
+    processes, logs = [], []
+    try:
+        for rank in range(world_size):
+            log = open(tmp_path / f"rank{rank}.log", "w")
+            logs.append(log)
+            processes.append(subprocess.Popen(
+                [sys.executable, "-c", code, str(rank), str(tmp_path)], cwd=tmp_path,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
+        result = while_waiting()
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
+    outputs = "\n".join((tmp_path / f"rank{rank}.log").read_text()[-3000:] for rank in range(world_size))
+    assert [process.returncode for process in processes] == [0] * world_size, outputs
+    return result

@@ -9,38 +9,37 @@ the mean of their losses: FSDP's reduce-scatter averages the two processes' grad
 update. The optimizer is AdamW with the train command's parameter groups (tied banks at lr / sqrt(2)), which also
 checks that sharding keeps the parameter names. Tolerance 1e-5 on the per-step losses (measured on torch 2.13 and
 2.14: equal to the last bit; with a single AdamW group, 5e-7 at the fifth step: the order of the gradient sums).
+
+Checkpoints (`save_sharded_checkpoint`, `load_sharded_checkpoint`, `save_gathered_checkpoint`): the same training with
+tied word embeddings saves a DCP folder after step 3, which a fresh pair of processes resumes; the gathered
+`save_pretrained` folder is compared with the sharded model's logits (1e-5, fp32).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from conftest import small_config
+from conftest import assert_fp32_close, run_child, run_gloo_workers, small_config
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.training.fsdp import apply_fsdp2
 from modeling_looped_moe.training.trainer import optimizer_param_groups
 
-TESTS = Path(__file__).resolve().parent
 CONFIG = dict(loop_conditioning="iter_adaln", expert_tying_group_size=2, num_loops=2, router_aux_loss_coef=0.02,
               router_z_loss_coef=1e-3)
 STEPS, GLOBAL_BATCH, LENGTH, LEARNING_RATE = 5, 4, 16, 1e-2
 WORLD_SIZE = 2
 
 
-def _model() -> LoopedMoeForCausalLM:
-    torch.manual_seed(0)
-    return LoopedMoeForCausalLM(small_config(**CONFIG)).train()
+def _model(seed: int = 0, **overrides) -> LoopedMoeForCausalLM:
+    torch.manual_seed(seed)
+    return LoopedMoeForCausalLM(small_config(**CONFIG, **overrides)).train()
 
 
 def _global_batches() -> list[torch.Tensor]:
@@ -53,6 +52,23 @@ def _global_batches() -> list[torch.Tensor]:
 def _optimizer(model: nn.Module) -> torch.optim.AdamW:
     """AdamW with the train command's groups: weight decay on matrices, lr / sqrt(2) for the tied banks."""
     return torch.optim.AdamW(optimizer_param_groups(model, LEARNING_RATE, weight_decay=0.1))
+
+
+def _train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: range) -> list[float]:
+    """Run the given steps of `_global_batches()` on this rank's half; return the mean loss over ranks per step."""
+    import torch.distributed as dist
+
+    batches, losses = _global_batches(), []
+    for step in steps:
+        half = batches[step].chunk(WORLD_SIZE)[rank]
+        loss = model(input_ids=half, labels=half).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)  # gloo has no AVG
+        losses.append(mean.item() / WORLD_SIZE)
+    return losses
 
 
 def _worker(rank: int, out_dir: str) -> None:
@@ -72,28 +88,13 @@ def _worker(rank: int, out_dir: str) -> None:
             "local_numel": sum(param.to_local().numel() for param in parameters.values()),
             "total_numel": sum(param.numel() for param in parameters.values()),
             "bank_local_shape": list(parameters["model.expert_banks.0.gate_up_proj"].to_local().shape),
-            "losses": [],
         }
         optimizer = _optimizer(model)
         report["groups"] = {group["name"]: len(group["params"]) for group in optimizer.param_groups}
-        for batch in _global_batches():
-            half = batch.chunk(WORLD_SIZE)[rank]
-            loss = model(input_ids=half, labels=half).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)  # gloo has no AVG
-            report["losses"].append(mean.item() / WORLD_SIZE)
+        report["losses"] = _train_steps(model, optimizer, rank, range(STEPS))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reference_losses() -> tuple[list[float], float]:
@@ -112,39 +113,9 @@ def _reference_losses() -> tuple[list[float], float]:
     return losses, first_aux
 
 
-def _run_workers(tmp_path: Path, worker: str, while_waiting=lambda: None):
-    """Run `test_fsdp.<worker>(rank, tmp_path)` in `WORLD_SIZE` gloo processes on loopback, calling `while_waiting()`
-    in this process meanwhile; kill any process still running at the end. Returns `while_waiting()`'s result."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(TESTS), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE), GLOO_SOCKET_IFNAME="lo")
-    code = f"import sys\nfrom test_fsdp import {worker}\n{worker}(int(sys.argv[1]), sys.argv[2])"
-    processes, logs = [], []
-    try:
-        for rank in range(WORLD_SIZE):
-            log = open(tmp_path / f"rank{rank}.log", "w")
-            logs.append(log)
-            processes.append(subprocess.Popen(
-                [sys.executable, "-c", code, str(rank), str(tmp_path)], cwd=tmp_path,
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
-        result = while_waiting()
-        deadline = time.monotonic() + 300
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-    outputs = "\n".join((tmp_path / f"rank{rank}.log").read_text()[-3000:] for rank in range(WORLD_SIZE))
-    assert [process.returncode for process in processes] == [0] * WORLD_SIZE, outputs
-    return result
-
-
 def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
-    reference, first_aux = _run_workers(tmp_path, "_worker", _reference_losses)  # the reference meanwhile, here
+    # the one-process reference runs here meanwhile
+    reference, first_aux = run_gloo_workers(tmp_path, "test_fsdp", "_worker", WORLD_SIZE, _reference_losses)
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     model = _model()
@@ -203,9 +174,117 @@ def _trainer_fsdp_worker(rank: int, out_dir: str) -> None:
 def test_trainer_refuses_fsdp_it_would_not_shard(tmp_path):
     """On CPU accelerate never shards: `Trainer(fsdp=...)` under two processes would silently run DDP, full
     parameters on every rank. `LoopedMoeTrainer` stops with a message that names `apply_fsdp2` instead."""
-    _run_workers(tmp_path, "_trainer_fsdp_worker")
+    run_gloo_workers(tmp_path, "test_fsdp", "_trainer_fsdp_worker", WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert outcome["world_size"] == WORLD_SIZE  # really distributed: TrainingArguments accepted fsdp
         assert outcome["raised"] is not None and "apply_fsdp2" in outcome["raised"], outcome
         assert "'cpu'" in outcome["raised"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: sharded (DCP) save and resume, gathered save_pretrained
+# ----------------------------------------------------------------------------------------------------------------------
+SAVE_AFTER = 3  # steps before the sharded checkpoint; the resumed run repeats steps SAVE_AFTER..STEPS-1
+TIED_EMBEDDINGS = dict(tie_word_embeddings=True)  # the LM head shares the embedding: one tensor in the root unit
+
+
+def _probe_ids() -> torch.Tensor:
+    return torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _checkpoint_worker(rank: int, out_dir: str) -> None:
+    """Train SAVE_AFTER steps, save a sharded checkpoint, train to STEPS, record logits, save a gathered checkpoint."""
+    import torch.distributed as dist
+
+    from modeling_looped_moe.training.fsdp import save_gathered_checkpoint, save_sharded_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
+    try:
+        model = apply_fsdp2(_model(**TIED_EMBEDDINGS))
+        optimizer = _optimizer(model)
+        losses = _train_steps(model, optimizer, rank, range(SAVE_AFTER))
+        save_sharded_checkpoint(model, optimizer, Path(out_dir, "sharded"), state={"step": SAVE_AFTER})
+        losses += _train_steps(model, optimizer, rank, range(SAVE_AFTER, STEPS))
+        with torch.no_grad():
+            logits = model.eval()(input_ids=_probe_ids()).logits
+        saved = save_gathered_checkpoint(model, Path(out_dir, "gathered"))
+        if rank == 0:
+            torch.save(logits, Path(out_dir, "sharded_logits.pt"))
+        Path(out_dir, f"trained{rank}.json").write_text(json.dumps({"losses": losses, "saved": saved is not None}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume_worker(rank: int, out_dir: str) -> None:
+    """A fresh pair of processes: another random init, then the sharded checkpoint, then steps SAVE_AFTER..STEPS-1."""
+    import torch.distributed as dist
+
+    from modeling_looped_moe.training.fsdp import load_sharded_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
+    try:
+        model = apply_fsdp2(_model(seed=7, **TIED_EMBEDDINGS))  # every parameter must come from the checkpoint
+        optimizer = _optimizer(model)
+        state = load_sharded_checkpoint(model, optimizer, Path(out_dir, "sharded"))
+        losses = _train_steps(model, optimizer, rank, range(state["step"], STEPS))
+        Path(out_dir, f"resumed{rank}.json").write_text(json.dumps({"losses": losses, "state": state}))
+    finally:
+        dist.destroy_process_group()
+
+
+GATHERED_REMOTE_SCRIPT = '''
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+
+folder, ids_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert "modeling_looped_moe" not in sys.modules and type(model).__module__.startswith("transformers_modules.")
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(ids_path)).logits, out_path)
+'''
+
+
+def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(tmp_path):
+    """Two gloo processes train a tied-embedding variant of the model, save a DCP checkpoint after step 3 and, at
+    the end, a gathered `save_pretrained` checkpoint. A fresh pair of processes (another random init) resumes from
+    the DCP folder and reproduces steps 4 and 5 (losses within 1e-5: same shards, same AdamW moments and counts).
+    The gathered folder loads with the package and with `trust_remote_code=True`, stores each expert bank once and
+    the tied head not at all, and gives the sharded model's logits within 1e-5."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "gathered"
+    run_gloo_workers(tmp_path, "test_fsdp", "_checkpoint_worker", WORLD_SIZE)
+    torch.save(_probe_ids(), tmp_path / "ids.pt")
+
+    def load_remotely():  # while the resumed pair runs, in a child that cannot import the package
+        run_child(GATHERED_REMOTE_SCRIPT, [folder, tmp_path / "ids.pt", tmp_path / "remote.pt"], tmp_path,
+                  hide_package=True)
+
+    run_gloo_workers(tmp_path, "test_fsdp", "_resume_worker", WORLD_SIZE, load_remotely)
+    trained = [json.loads((tmp_path / f"trained{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    resumed = [json.loads((tmp_path / f"resumed{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert [report["saved"] for report in trained] == [True, False]  # rank 0 writes the folder
+    assert resumed[0]["state"] == {"step": SAVE_AFTER}
+    expected = trained[0]["losses"][SAVE_AFTER:]
+    assert len(expected) == STEPS - SAVE_AFTER and resumed[0]["losses"] == resumed[1]["losses"]
+    for step, (again, first) in enumerate(zip(resumed[0]["losses"], expected), start=SAVE_AFTER):
+        assert abs(again - first) <= 1e-5, (step, resumed[0]["losses"], expected)
+
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    banks = {key for key in keys if "expert" in key}
+    assert banks == {f"model.expert_banks.{bank}.{name}" for bank in range(2) for name in ("gate_up_proj", "down_proj")}
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    sharded_logits = torch.load(tmp_path / "sharded_logits.pt")
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert_fp32_close(model.eval()(input_ids=_probe_ids()).logits, sharded_logits)
+    assert not torch.allclose(_model(**TIED_EMBEDDINGS).eval()(input_ids=_probe_ids()).logits, sharded_logits,
+                              atol=1e-3)  # training changed the model: the comparison can fail
+    assert_fp32_close(torch.load(tmp_path / "remote.pt"), sharded_logits)

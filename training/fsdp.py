@@ -1,9 +1,27 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for looped and expert-tied models: [`apply_fsdp2`]."""
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for looped and expert-tied models.
+
+- [`apply_fsdp2`]: shard a `LoopedMoeForCausalLM` (a unit per decoder layer and per expert bank, the root last).
+- [`save_sharded_checkpoint`] / [`load_sharded_checkpoint`]: a `torch.distributed.checkpoint` (DCP) folder of model and
+  optimizer shards plus a small training state, to resume on the same or another number of processes.
+- [`save_gathered_checkpoint`]: gather the full state dict and save it on rank 0 as a normal `save_pretrained`
+  checkpoint (each expert bank once, the model code for `trust_remote_code=True`).
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -81,3 +99,90 @@ def apply_fsdp2(
         fully_shard(bank, **options)
     fully_shard(model, **options)
     return model
+
+
+# Written by rank 0 next to the DCP shards: step counters, scheduler state and anything else small (`torch.save`).
+TRAINING_STATE_NAME = "training_state.pt"
+
+
+def save_sharded_checkpoint(
+    model: FSDPModule, optimizer: torch.optim.Optimizer, directory: str | os.PathLike, state: dict | None = None
+) -> Path:
+    """Save a sharded (DCP) checkpoint of an [`apply_fsdp2`] model and its optimizer; every process must call it.
+
+    Each process writes its own shards (`torch.distributed.checkpoint.save`, no gathering); rank 0 also writes
+    `state` (e.g. the step and the scheduler's `state_dict()`) to `training_state.pt`. The folder resumes with
+    [`load_sharded_checkpoint`], on any number of processes.
+
+    Args:
+        model: The sharded model.
+        optimizer: Its optimizer (built after sharding).
+        directory: The checkpoint folder (created).
+        state: Small picklable training state restored by [`load_sharded_checkpoint`].
+
+    Returns:
+        The checkpoint folder.
+    """
+    directory = Path(directory)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    if dist.get_rank() == 0:
+        torch.save(state or {}, directory / TRAINING_STATE_NAME)
+    dist.barrier()  # the folder is complete on return, on every process
+    return directory
+
+
+def load_sharded_checkpoint(
+    model: FSDPModule, optimizer: torch.optim.Optimizer, directory: str | os.PathLike
+) -> dict[str, Any]:
+    """Load a [`save_sharded_checkpoint`] folder into a sharded model and its optimizer, in place (every process).
+
+    Build the model, shard it with [`apply_fsdp2`] and build the optimizer with the same parameter groups first;
+    then this restores parameters, optimizer moments and step counts.
+
+    Args:
+        model: The sharded model.
+        optimizer: Its optimizer.
+        directory: A folder written by [`save_sharded_checkpoint`].
+
+    Returns:
+        The `state` saved with the checkpoint (empty if none).
+    """
+    directory = Path(directory)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state_dict = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state_dict, checkpoint_id=str(directory))  # in place, into this process's shards
+    set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
+                   optim_state_dict=state_dict["optimizer"])
+    path = directory / TRAINING_STATE_NAME
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def save_gathered_checkpoint(model: FSDPModule, directory: str | os.PathLike, **save_kwargs) -> Path | None:
+    """Gather an [`apply_fsdp2`] model's full state dict and save it on rank 0 with `save_pretrained`.
+
+    Every process takes part in the gathering (onto rank 0's CPU memory: `full_state_dict=True, cpu_offload=True`,
+    so rank 0 needs the full model in host memory, nothing on the accelerator). Rank 0 loads it into an unsharded
+    model of the same class, config and dtype, and saves that: a normal checkpoint (each expert bank once, the tied
+    LM head not repeated, the model code for `trust_remote_code=True`) that loads with `from_pretrained`.
+
+    Args:
+        model: The sharded model.
+        directory: The output folder.
+        **save_kwargs: Passed to `save_pretrained` (e.g. `safe_serialization`, `max_shard_size`).
+
+    Returns:
+        The folder on rank 0, `None` on the other processes.
+    """
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    saved = None
+    if dist.get_rank() == 0:
+        dtype = next(iter(full_state.values())).dtype
+        plain_cls = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))  # the model's class
+        with torch.random.fork_rng(devices=[]):  # its random init must not move rank 0's RNG away from the others'
+            plain = plain_cls._from_config(model.config, dtype=dtype)
+        plain.load_state_dict(full_state, strict=True)
+        plain.save_pretrained(directory, **save_kwargs)
+        saved = Path(directory)
+    dist.barrier()  # the folder is complete on return, on every process
+    return saved
