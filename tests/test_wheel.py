@@ -18,7 +18,7 @@ from conftest import REPO
 
 
 # What the wheel is built from: the library's folders and the packaging files (not tests, docs or experiments).
-SOURCES = ("modeling_looped_moe", "configuration", "conversion", "eval", "training")
+SOURCES = ("modeling_looped_moe", "configuration", "conversion", "eval", "training", "serving")
 PACKAGING = ("setup.cfg", "pyproject.toml", "README.md")
 COMMANDS = ("looped-moe-convert", "looped-moe-train", "looped-moe-eval", "looped-moe-demo")
 MODULE_FORMS = ("modeling_looped_moe.conversion", "modeling_looped_moe.training", "modeling_looped_moe.eval",
@@ -52,7 +52,9 @@ import modeling_looped_moe.eval.tasks.local_tasks  # noqa: F401  (what the task 
 import modeling_looped_moe.eval.tasks.olmes_tasks  # noqa: F401
 import modeling_looped_moe.eval.tasks.standard_tasks  # noqa: F401
 import modeling_looped_moe.training.command  # noqa: F401
+import modeling_looped_moe.serving  # noqa: F401  (the vLLM plugin imports without vLLM)
 
+assert "vllm" not in sys.modules
 outside = [name for name, module in sys.modules.items() if name.split(".")[0] == "modeling_looped_moe"
            and getattr(module, "__file__", None) and not Path(module.__file__).resolve().is_relative_to(target)]
 assert not outside, outside
@@ -98,8 +100,10 @@ def test_wheel_holds_the_library_and_its_data(installed):
     top_level = {p.name for p in target.iterdir() if p.is_dir() and not p.name.endswith((".dist-info", "bin"))}
     assert top_level == {"modeling_looped_moe"}, top_level
     package = target / "modeling_looped_moe"
-    for room in ("configuration", "conversion", "eval", "eval/tasks", "training"):
+    for room in ("configuration", "conversion", "eval", "eval/tasks", "training", "serving"):
         assert (package / room / "__init__.py").is_file(), room
+    entry_points = next(target.glob("looped_moe-*.dist-info")).joinpath("entry_points.txt").read_text()
+    assert "[vllm.general_plugins]" in entry_points and "modeling_looped_moe.serving.plugin:register" in entry_points
     assert (package / "configuration" / "tiny" / "config.json").is_file()
     task_files = {p.name for p in (REPO / "eval" / "tasks").glob("*.yaml")}
     assert {"local_blimp.yaml", "offline_piqa.yaml", "olmes_rc_piqa.yaml", "looped_moe_olmes_core9.yaml"} <= task_files
