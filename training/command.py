@@ -2,13 +2,16 @@
 
     looped-moe-train --preset tiny --text_files my.txt --max_steps 200 --output_dir outputs/train
     accelerate launch --cpu --num_processes 2 -m modeling_looped_moe.training --preset tiny --per_device_train_batch_size 4
+    torchrun --nproc_per_node 2 -m modeling_looped_moe.training --fsdp --preset tiny --save_strategy steps
     looped-moe-train quick --save runs/small --train-seconds 600 [--text FILE_OR_DIR ...] [--python-docs]
 
 The first form trains or fine-tunes with `transformers.Trainer` (every `TrainingArguments` option works; without
-`--text_files` / `--dataset_name` it trains on Python's own documentation; see docs/TRAINING.md). `quick` trains the
-small fully looped MoE of `benchmarks/bench_early_exit.py` (no prelude or coda, deep supervision at every loop, so
-early exits are usable) for a fixed time and saves it with its tokenizer and `held_out.txt`, the held-out part of
-the text, ready for the local perplexity and cloze tasks (`--metadata text_path=DIR/held_out.txt`).
+`--text_files` / `--dataset_name` it trains on Python's own documentation; see docs/TRAINING.md); with `--fsdp`,
+under a distributed launch of several processes, it shards the model with FSDP2 and trains in its own loop
+(`fsdp_train`). `quick` trains the small fully looped MoE of `benchmarks/bench_early_exit.py` (no prelude or coda,
+deep supervision at every loop, so early exits are usable) for a fixed time and saves it with its tokenizer and
+`held_out.txt`, the held-out part of the text, ready for the local perplexity and cloze tasks
+(`--metadata text_path=DIR/held_out.txt`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from modeling_looped_moe.data import (
 )
 
 from .data import ModelDataArguments
+from .fsdp_train import run_fsdp_training
 from .quick import build_small_looped_moe, train_for_seconds
 from .trainer import LoopedMoeTrainingArguments, run_training
 
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((ModelDataArguments, LoopedMoeTrainingArguments))
     parser.prog = "looped-moe-train"
     data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.fsdp:
+        return fsdp_main(data_args, training_args)
     result = run_training(data_args, training_args)
     metrics = result.trainer.evaluate() if len(result.eval_blocks) else {}  # every process takes part
     if training_args.process_index == 0:
@@ -55,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
               f"saved model and tokenizer to {result.output_dir}"
               + (f"; held-out loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f})"
                  if "eval_loss" in metrics else ""))
+    return 0
+
+
+def fsdp_main(data_args, training_args) -> int:
+    """`looped-moe-train --fsdp` (every process of a `torchrun` / `accelerate launch` runs it): see `fsdp_train`."""
+    result = run_fsdp_training(data_args, training_args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        held_out = ""
+        if "eval_loss" in result:
+            perplexity = math.exp(min(result["eval_loss"], 50.0))
+            held_out = f"; held-out loss {result['eval_loss']:.4f} (perplexity {perplexity:.2f})"
+        print(f"trained {result['steps']} steps in {result['train_seconds']:.1f}s with FSDP2; saved the gathered "
+              f"model and tokenizer to {result['output_dir']}{held_out}")
     return 0
 
 

@@ -102,6 +102,23 @@ def optimizer_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """The optimizer `args.optim` names (AdamW by default) over [`optimizer_param_groups`], as the Trainer builds it.
+
+    Args:
+        model: The model (sharded or not: groups go by parameter names).
+        args: Training arguments: `optim`, `learning_rate`, `weight_decay`, the Adam settings and, for
+            [`LoopedMoeTrainingArguments`], `tied_bank_lr_divisor`.
+    """
+    groups = optimizer_param_groups(model, args.learning_rate, args.weight_decay,
+                                    getattr(args, "tied_bank_lr_divisor", True))
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_kwargs.pop("lr", None)  # each group carries its own
+    for group in groups:
+        group.pop("param_names")
+    return optimizer_cls(groups, **optimizer_kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Random loop count per step
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,8 +233,9 @@ class LoopedMoeTrainer(Trainer):
                 "FSDP was requested (TrainingArguments.fsdp / --fsdp) but "
                 f"accelerate did not enable it on device type {self.args.device.type!r} (it shards only on GPU-like "
                 "devices; here every process would hold and train the full model under DDP). To shard on CPU, "
-                "shard the model with modeling_looped_moe.training.fsdp.apply_fsdp2 under torchrun instead of "
-                "Trainer's fsdp option; or drop --fsdp to train with DDP."
+                "run `torchrun --nproc_per_node N -m modeling_looped_moe.training --fsdp ...` (looped-moe-train "
+                "shards with modeling_looped_moe.training.fsdp.apply_fsdp2 in its own loop then), or call apply_fsdp2 "
+                "yourself instead of Trainer's fsdp option; or drop fsdp to train with DDP."
             )
         limit = getattr(self.args, "max_train_seconds", None)
         if limit is not None:
@@ -232,16 +250,7 @@ class LoopedMoeTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW (or `args.optim`) over [`optimizer_param_groups`]."""
         if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            groups = optimizer_param_groups(
-                opt_model, self.args.learning_rate, self.args.weight_decay,
-                getattr(self.args, "tied_bank_lr_divisor", True),
-            )
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            optimizer_kwargs.pop("lr", None)
-            for group in groups:
-                group.pop("param_names")
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            self.optimizer = build_optimizer(self.model if model is None else model, self.args)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -425,6 +434,7 @@ __all__ = [
     "LoopedMoeTrainingArguments",
     "TrainResult",
     "bank_group_sizes",
+    "build_optimizer",
     "optimizer_param_groups",
     "run_training",
     "sample_exit_loop",
