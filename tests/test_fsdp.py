@@ -288,3 +288,98 @@ def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(tmp_path):
     assert not torch.allclose(_model(**TIED_EMBEDDINGS).eval()(input_ids=_probe_ids()).logits, sharded_logits,
                               atol=1e-3)  # training changed the model: the comparison can fail
     assert_fp32_close(torch.load(tmp_path / "remote.pt"), sharded_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# accelerate's own FSDP2 preparation (what Trainer runs on GPUs), forced on CPU
+# ----------------------------------------------------------------------------------------------------------------------
+# What accelerate's auto-wrap reads: with the expert bank class in `_no_split_modules`, each bank gets a unit of its own
+# as in apply_fsdp2. Until `LoopedMoePreTrainedModel` declares it (the change is pending in modeling_looped_moe.py),
+# the tests set it on the class; once declared, they test the real attribute.
+NO_SPLIT_MODULES = ["LoopedMoeDecoderLayer", "LoopedMoeExperts"]
+
+
+def _declare_bank_units(monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """Set `NO_SPLIT_MODULES` on the model class unless it declares the bank class already (with `monkeypatch` in
+    the test process, so that other tests see the class unchanged)."""
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoePreTrainedModel
+
+    if "LoopedMoeExperts" not in LoopedMoePreTrainedModel._no_split_modules:
+        setattr_ = monkeypatch.setattr if monkeypatch is not None else setattr
+        setattr_(LoopedMoePreTrainedModel, "_no_split_modules", NO_SPLIT_MODULES)
+
+
+def _accelerate_worker(rank: int, out_dir: str) -> None:
+    """`Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))` and `prepare(model, optimizer)`.
+
+    accelerate's `AcceleratorState` switches FSDP on only for GPU-like devices (state.py: the branch that sets
+    `DistributedType.FSDP` is reached for MULTI_GPU/NPU/XPU/... only, never MULTI_CPU), so on CPU the state is set by
+    hand after construction: `distributed_type = FSDP` and the plugin. Everything after that is accelerate's own code
+    (`Accelerator.prepare` -> `_prepare_fsdp2` -> `fsdp2_prepare_model` with its transformer-based auto-wrap policy).
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FSDPModule
+
+    torch.set_num_threads(1)
+    _declare_bank_units()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    state = {"distributed_type_before": str(accelerator.distributed_type)}
+    # What AcceleratorState.__init__ sets on GPUs (every later AcceleratorState() re-reads PartialState's copy)
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    model = _model()
+    model, optimizer = accelerator.prepare(model, _optimizer(model))
+    units = {name: sorted(param_name for param_name, _ in module.named_parameters())
+             for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    losses = []
+    for batch in _global_batches():
+        half = batch.chunk(WORLD_SIZE)[rank]
+        loss = model(input_ids=half, labels=half).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+    tail = [model.model.norm._get_fsdp_state(), model.lm_head._get_fsdp_state()]
+    state.update(units=sorted(units), losses=losses, is_fsdp2=accelerator.is_fsdp2, tail_is_one_unit=tail[0] is tail[1],
+                 world_size=accelerator.num_processes)
+    Path(out_dir, f"accelerate{rank}.json").write_text(json.dumps(state))
+    accelerator.end_training()  # destroys the process group
+
+
+def test_accelerate_fsdp2_auto_wrap_gives_a_unit_per_layer_and_bank(tmp_path):
+    """accelerate's FSDP2 preparation of our model (auto-wrap by `_no_split_modules`) on 2 gloo processes: the units
+    of apply_fsdp2 (one per decoder layer and per expert bank), plus accelerate's own split of the root (the final
+    norm and LM head in one unit, the embedding in another); no shared-parameter error; 5 steps equal one process."""
+    reference, _ = run_gloo_workers(tmp_path, "test_fsdp", "_accelerate_worker", WORLD_SIZE, _reference_losses)
+    reports = [json.loads((tmp_path / f"accelerate{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    model = _model()
+    layers_and_banks = [*(f"model.layers.{i}" for i in range(len(model.model.layers))),
+                        *(f"model.expert_banks.{i}" for i in range(len(model.model.expert_banks)))]
+    for report in reports:
+        assert report["distributed_type_before"] == "DistributedType.MULTI_CPU"  # accelerate alone would not shard
+        assert report["is_fsdp2"] and report["world_size"] == WORLD_SIZE
+        assert report["units"] == sorted(["", "model.embed_tokens", "model.norm", "lm_head", *layers_and_banks])
+        assert report["tail_is_one_unit"]  # fully_shard([norm, lm_head]): one unit
+        for step, (sharded, single) in enumerate(zip(report["losses"], reference)):
+            assert abs(sharded - single) <= 1e-5, (step, report["losses"], reference)
+
+
+def test_no_split_modules_make_accelerate_wrap_each_bank(monkeypatch):
+    """The policy accelerate builds from `_no_split_modules` selects decoder layers and expert banks (the layers alone
+    would leave every bank in the root unit, gathered for the whole step)."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoeDecoderLayer, LoopedMoeExperts
+
+    _declare_bank_units(monkeypatch)
+    model = _model()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [module for module in model.modules() if policy(module)]
+    assert wrapped == [*model.model.layers, *model.model.expert_banks]
+    assert {type(module) for module in wrapped} == {LoopedMoeDecoderLayer, LoopedMoeExperts}
