@@ -16,6 +16,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 )
 
 from .configuration_looped_moe import LoopedMoeConfig
+from .kv_sharing_looped_moe import LoopSharedCache
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,12 +94,14 @@ class LoopedMoeAttention(nn.Module):
         if self.qk_norm == "head":
             query_states = self.q_norm(query_states)
         query_states = apply_rotary(query_states.transpose(1, 2), *position_embeddings)
-        key_states, value_states = self.project_key_value(hidden_states, position_embeddings)
-
-        if cache is not None:
-            if depth_step is None:
-                raise ValueError("LoopedMoeAttention needs `depth_step` (its cache slot) to use a cache")
-            key_states, value_states = cache.update(key_states, value_states, depth_step)
+        if cache is not None and depth_step is None:
+            raise ValueError("LoopedMoeAttention needs `depth_step` (its cache slot) to use a cache")
+        if isinstance(cache, LoopSharedCache) and cache.reads_slot(depth_step):
+            key_states, value_states = cache.read(depth_step)  # kv_sharing="first": the first loop's, as they are
+        else:
+            key_states, value_states = self.project_key_value(hidden_states, position_embeddings)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, depth_step)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

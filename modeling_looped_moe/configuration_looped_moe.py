@@ -13,6 +13,7 @@ QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
 EXIT_CRITERIA = ("entropy", "confidence", "kl", "gate")
 EXIT_KV_POLICIES = ("propagate", "copy")
+KV_SHARING_OPTIONS = ("none", "last", "first")
 LOOP_CONDITIONING_OPTIONS = ("none", "embedding", "iter_adaln")
 LOOP_INPUT_INJECTION_OPTIONS = ("none", "add")
 
@@ -127,6 +128,15 @@ class LoopedMoeConfig(PreTrainedConfig):
         exit_kv_policy (`str`, defaults to `"propagate"`): Keys/values written for the loops a token skipped:
             `"propagate"` projects the exit hidden state through each skipped layer's norm and K/V projections;
             `"copy"` reuses the token's keys/values from the same layer in its last computed loop.
+            Not used with `kv_sharing`, where a skipped loop stores nothing.
+        kv_sharing (`str`, defaults to `"none"`): KV cache slots of the loop block. `"none"` keeps one slot per
+            depth step (every loop's keys/values; the cache grows with `num_loops`). `"last"` keeps one slot per
+            loop-block layer holding, for each token, the keys/values of the last loop it computed; a forward
+            computes its own tokens' keys/values exactly in every loop (prompt processing is exact) and reads the
+            other tokens' from the slot. `"first"` keeps the first loop's keys/values and every later loop attends
+            to them (cross-loop sharing: later loops project no keys/values of their own, so processing tokens one
+            at a time or together gives the same result). Both store one slot per unique layer, the cache of a
+            one-loop model; see docs/KV_SHARING.md for their quality cost.
     """
 
     model_type = "looped_moe"
@@ -178,6 +188,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         exit_kv_policy: str = "propagate",
+        kv_sharing: str = "none",
         exit_gate: bool = False,
         exit_gate_margin: float = 0.1,
         exit_gate_loss_coef: float = 1.0,
@@ -387,6 +398,8 @@ class LoopedMoeConfig(PreTrainedConfig):
                      f"must be a number >= 0, got {value!r}")
         _require(self.exit_kv_policy in EXIT_KV_POLICIES, "exit_kv_policy",
                  f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
+        _require(self.kv_sharing in KV_SHARING_OPTIONS, "kv_sharing",
+                 f"must be one of {KV_SHARING_OPTIONS}, got {self.kv_sharing!r}")
         _require(self.loop_conditioning in LOOP_CONDITIONING_OPTIONS, "loop_conditioning",
                  f"must be one of {LOOP_CONDITIONING_OPTIONS}, got {self.loop_conditioning!r}")
         _require(_is_int(self.iter_adaln_rank) and self.iter_adaln_rank >= 1, "iter_adaln_rank",

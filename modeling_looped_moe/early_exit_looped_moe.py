@@ -12,18 +12,21 @@ Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
   `exit_kv_policy="propagate"` projects its exit hidden state through each skipped layer's input norm and K/V
   projections (cheap: no attention, no MLP); `"copy"` reuses the keys/values it wrote in the same layer of the last
   loop it computed. All new keys/values of a step are staged and written once per cache slot at the end.
+  Under `kv_sharing` a skipped loop writes nothing of its own: the shared slot keeps the keys/values of the last loop
+  the token computed (`"last"`) or of its first loop (`"first"`).
 """
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
+
+from .kv_sharing_looped_moe import LoopSharedCache, attend_without_writing
 
 
 @dataclass
@@ -54,6 +57,15 @@ def validate_adaptive_exit(settings: AdaptiveExit) -> None:
         raise ValueError(f"exit_threshold must be a number when exit_criterion is set, got {settings.threshold!r}")
     if settings.kv_policy not in EXIT_KV_POLICIES:
         raise ValueError(f"exit_kv_policy must be one of {EXIT_KV_POLICIES}, got {settings.kv_policy!r}")
+
+
+def skipped_loop_policy(cache, kv_policy: str) -> str | None:
+    """What an exited token writes for the loops it skips: `kv_policy`, except under `kv_sharing` (a
+    [`LoopSharedCache`]), where a skipped loop stores nothing of its own: `"last"` keeps the last computed loop's
+    keys/values in the slot (what `"copy"` writes), `"first"` the first loop's (`None`: nothing to write)."""
+    if not isinstance(cache, LoopSharedCache):
+        return kv_policy
+    return "copy" if cache.kv_sharing == "last" else None
 
 
 def depth_steps_used(config, exit_loops: torch.Tensor, scores_every_boundary: bool) -> torch.Tensor:
@@ -134,27 +146,6 @@ def exit_decision(
     raise ValueError(f"exit_criterion: unknown criterion {criterion!r}")
 
 
-def _attend_without_writing(layer, rows: torch.Tensor | None, key_states, value_states):
-    """What `layer.update` would return for `rows`, leaving the layer untouched."""
-    if type(layer).update is DynamicLayer.update:  # plain concatenation: no private copy needed
-        keys = layer.keys if rows is None else layer.keys[rows]
-        values = layer.values if rows is None else layer.values[rows]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-    return _layer_view(layer, rows).update(key_states, value_states)
-
-
-def _layer_view(layer, rows: torch.Tensor | None):
-    """A shallow copy of a cache layer whose tensors are private copies (restricted to `rows`)."""
-    view = copy.copy(layer)
-    if getattr(layer, "is_initialized", False) and layer.keys is not None:
-        view.keys = layer.keys[rows] if rows is not None else layer.keys.clone()
-        view.values = layer.values[rows] if rows is not None else layer.values.clone()
-    length = getattr(layer, "cumulative_length", None)
-    if torch.is_tensor(length):
-        view.cumulative_length = length.clone()
-    return view
-
-
 class StagedCacheView:
     """Attend to a cache without writing it: `update` returns past + new keys/values of the chosen rows.
 
@@ -175,10 +166,9 @@ class StagedCacheView:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, depth_step: int, *args, **kwargs):
         if self.on_update is not None:
             self.on_update(depth_step, key_states, value_states)
-        layer = self.cache.layers[depth_step]
-        if not getattr(layer, "is_initialized", False):
-            return key_states, value_states
-        return _attend_without_writing(layer, self.rows, key_states, value_states)
+        if isinstance(self.cache, LoopSharedCache):
+            return self.cache.attend_without_writing(depth_step, self.rows, key_states, value_states)
+        return attend_without_writing(self.cache.layers[depth_step], self.rows, key_states, value_states)
 
     def get_seq_length(self, depth_step: int = 0) -> int:
         return self.cache.get_seq_length(depth_step)
@@ -301,6 +291,7 @@ def adaptive_decode_step(
     loop_inputs = hidden_states
 
     staging = _Staging()
+    kv_policy = skipped_loop_policy(cache, settings.kv_policy)
     exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=hidden_states.device)
     final_logits = None
     active = torch.arange(batch_size, device=hidden_states.device)
@@ -340,9 +331,9 @@ def adaptive_decode_step(
             for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
                 staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
                             coda_staging.values[depth_step][coda_rows])
-            if loop_idx < config.num_loops - 1:
+            if loop_idx < config.num_loops - 1 and kv_policy is not None:
                 _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
-                                     settings.kv_policy, embeddings_of(exited))
+                                     kv_policy, embeddings_of(exited))
             active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
         if len(active) == 0:
             break
@@ -393,7 +384,7 @@ class _KeyValueOverride:
     their exit loop), remembers what each loop layer wrote, and forwards to the real cache (if any).
     """
 
-    def __init__(self, cache: Cache | None, kv_policy: str, loop_offset_of_step: dict[int, int]):
+    def __init__(self, cache: Cache | None, kv_policy: str | None, loop_offset_of_step: dict[int, int]):
         self.cache = cache
         self.kv_policy = kv_policy
         self.loop_offset_of_step = loop_offset_of_step
@@ -438,7 +429,7 @@ def adaptive_prefill(
     loop_input = hidden_states
     offsets = {config.loop_depth_step(loop_idx, offset): offset
                for loop_idx in range(config.num_loops) for offset in range(config.num_loop_layers)}
-    proxy = _KeyValueOverride(cache, settings.kv_policy, offsets)
+    proxy = _KeyValueOverride(cache, skipped_loop_policy(cache, settings.kv_policy), offsets)
     batch, seq = hidden_states.shape[:2]
     exited = torch.zeros(batch, seq, dtype=torch.bool, device=hidden_states.device)
     exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
@@ -447,7 +438,7 @@ def adaptive_prefill(
         if loop_idx > 0 and bool(exited.all()):
             # Every position has left: the remaining loops only leave their keys/values (per the policy) in the cache,
             # as a decode step does for a row that exits, with no attention or MLP run for them.
-            if cache is not None:
+            if cache is not None and proxy.kv_policy is not None:
                 _write_skipped_loops(model, cache, proxy, hidden_states, loop_input, loop_idx,
                                      layer_kwargs["position_embeddings"])
             break

@@ -27,7 +27,7 @@ from .attention_looped_moe import (
 )
 from .compat_looped_moe import CACHE_NAME, cache_kwargs, create_causal_mask, output_cache, resolve_cache
 from .conditioning_looped_moe import LoopedMoeIterAdaLN, LoopedMoeIterationEmbedding
-from .configuration_looped_moe import LoopedMoeConfig
+from .configuration_looped_moe import KV_SHARING_OPTIONS, LoopedMoeConfig
 from .early_exit_looped_moe import (
     AdaptiveExit,
     ExitTrace,
@@ -41,6 +41,7 @@ from .early_exit_looped_moe import (
     validate_adaptive_exit,
 )
 from .exit_gate_looped_moe import LoopedMoeExitGate, exit_gate_loss
+from .kv_sharing_looped_moe import LoopSharedCache, check_cache_rule, returned_cache
 from .losses_looped_moe import load_balancing_loss, router_z_loss
 from .moe_looped_moe import LoopedMoeMLP, LoopedMoeSparseMoeBlock, LoopedMoeTopKRouter
 from .outputs_looped_moe import (
@@ -52,6 +53,7 @@ from .speculative_looped_moe import (
     SelfSpeculativeOutput,
     batched_assisted_decoding,
     check_draft_loops,
+    check_speculative_kv_sharing,
     drafting_state,
     self_speculative_generate,
 )
@@ -352,6 +354,24 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         num_loops = self.config.num_loops if exit_loop is None else exit_loop
         return [self.config.loop_end(loops_run) for loops_run in range(1, num_loops + 1)]
 
+    def resolve_kv_sharing(self, kv_sharing: str | None) -> str:
+        """The cache sharing rule: the argument, else `config.kv_sharing`; validated."""
+        kv_sharing = self.config.kv_sharing if kv_sharing is None else kv_sharing
+        if kv_sharing not in KV_SHARING_OPTIONS:
+            raise ValueError(f"kv_sharing must be one of {KV_SHARING_OPTIONS}, got {kv_sharing!r}")
+        return kv_sharing
+
+    def shared_cache(self, cache: Cache | None, kv_sharing: str) -> Cache | LoopSharedCache | None:
+        """The cache the depth steps write: `cache` itself (one slot per depth step), or under `kv_sharing` a
+        [`LoopSharedCache`] giving loop-block depth steps the slot of their unique layer."""
+        check_cache_rule(cache, kv_sharing)
+        if kv_sharing == "none" or self.config.num_loops == 1 or (cache is None and kv_sharing == "last"):
+            return cache  # one loop, or "last" without a cache: every loop attends to its own keys/values
+        if self.gradient_checkpointing and self.training:
+            raise ValueError("kv_sharing='first' does not support gradient checkpointing: its later loops read the "
+                             "first loop's keys/values, which checkpointed layers do not receive")
+        return LoopSharedCache(cache, self.schedule, kv_sharing, self.config)
+
     def resolve_exit_loop(self, exit_loop: int | None) -> int:
         """The loop to exit after: the argument, else a self-speculative draft's exit ([`drafting`]), else
         `config.exit_loop`, else the last loop; validated."""
@@ -386,11 +406,13 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         output_loop_hidden_states: bool = False,
         output_loop_exit_states: bool = False,
         adaptive_exit: AdaptiveExit | None = None,
+        kv_sharing: str | None = None,
         **kwargs,
     ) -> LoopedMoeModelOutputWithPast:
         r"""
         cache (`Cache`, *optional*):
-            The KV cache, one slot per depth step (created when `use_cache=True` and none is given).
+            The KV cache, one slot per depth step, or per unique layer under `kv_sharing` (created when
+            `use_cache=True` and none is given).
         past_key_values (`Cache`, *optional*):
             The same argument under its name before transformers 5.24 (which `generate()` of those versions passes).
         exit_loop (`int`, *optional*):
@@ -403,11 +425,15 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         adaptive_exit (`AdaptiveExit`, *optional*):
             Per-token adaptive exit (see `early_exit_looped_moe`): a one-token decode step with a filled cache
             compacts the rows still looping; other inputs run every loop with per-position exits.
+        kv_sharing (`str`, *optional*):
+            Cache slots shared across loops (`"none"`, `"last"` or `"first"`; see `LoopedMoeConfig`); defaults to
+            `config.kv_sharing`. A cache must be continued with the rule that filled it.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = resolve_cache(cache, past_key_values)
         exit_loop = self.resolve_exit_loop(exit_loop)
+        kv_sharing = self.resolve_kv_sharing(kv_sharing)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
@@ -422,6 +448,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, **kwargs)
+        cache = self.shared_cache(cache, kv_sharing)
         if adaptive_exit is not None:
             return self._adaptive_forward(hidden_states, cache, adaptive_exit, **layer_kwargs)
         return self._fixed_depth_forward(hidden_states, cache, exit_loop, output_loop_hidden_states,
@@ -436,7 +463,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             raise ValueError(
                 f"adaptive exit (exit_criterion={adaptive_exit.criterion!r}) needs a dynamic cache: rows leave at "
                 f"different loops and the step's keys/values are staged per row, which a fixed-shape "
-                f"{type(cache).__name__} cannot take; use the default cache, or a static `exit_loop` with a static "
+                f"{type(returned_cache(cache)).__name__} cannot take; use the default cache, or a static `exit_loop` with a static "
                 "cache"
             )
         if is_decode_step_of(cache, hidden_states.shape[1]):
@@ -448,7 +475,8 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             exit_loops = exit_loops[:, None]
         else:
             exit_logits, exit_loops = adaptive_prefill(self, hidden_states, cache, adaptive_exit, **layer_kwargs)
-        return LoopedMoeModelOutputWithPast(**cache_kwargs(cache), exit_logits=exit_logits, exit_loops=exit_loops)
+        return LoopedMoeModelOutputWithPast(**cache_kwargs(returned_cache(cache)), exit_logits=exit_logits,
+                                            exit_loops=exit_loops)
 
     def _fixed_depth_forward(
         self,
@@ -479,7 +507,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             loop_exit_states.append(hidden_states)
         return LoopedMoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            **cache_kwargs(cache),
+            **cache_kwargs(returned_cache(cache)),
             loop_hidden_states=tuple(loop_hidden_states) if output_loop_hidden_states else None,
             loop_exit_states=tuple(loop_exit_states) if output_loop_exit_states else None,
             loop_input=loop_input if output_loop_hidden_states else None,
@@ -502,10 +530,13 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         coefficients = self.config.router_aux_loss_coef + self.config.router_z_loss_coef
         return labels is not None and self.config.num_experts > 0 and coefficients > 0
 
-    def _adaptive_exit(self, criterion, threshold, kv_policy, exit_loop) -> AdaptiveExit | None:
+    def _adaptive_exit(self, criterion, threshold, kv_policy, exit_loop, kv_sharing) -> AdaptiveExit | None:
         criterion = criterion if criterion is not None else self.config.exit_criterion
         if criterion is None:
             return None
+        if kv_policy is not None and self.model.resolve_kv_sharing(kv_sharing) != "none":
+            raise ValueError(f"exit_kv_policy={kv_policy!r} has no effect with kv_sharing: a token that exits "
+                             "leaves its shared slots as they are (the last loop it computed, or the first); drop it")
         if criterion == "gate" and self.model.exit_gate is None:
             raise ValueError("exit_criterion='gate' needs a model with an exit gate: build or load it with "
                              "exit_gate=True and train the gate (jointly, or with looped-moe-train-exit-gate)")
@@ -538,6 +569,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         exit_threshold: float | None = None,
         exit_kv_policy: str | None = None,
         exit_trace: ExitTrace | None = None,
+        kv_sharing: str | None = None,
         **kwargs,
     ) -> LoopedMoeCausalLMOutputWithPast:
         r"""
@@ -563,18 +595,22 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         exit_trace (`ExitTrace`, *optional*):
             Receives this call's exit loops (and, in a decode step, the depth steps computed); `generate` passes one
             per call and returns its summary in the output, so nothing is kept on the model.
+        kv_sharing (`str`, *optional*):
+            Cache slots shared across loops, `"none"`, `"last"` or `"first"` (defaults to `config.kv_sharing`; see
+            `LoopedMoeConfig`). `generate(kv_sharing=...)` passes it to every step.
         """
         cache = resolve_cache(cache, past_key_values)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop)
+        adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop, kv_sharing)
         query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # Only `generate`'s exit trace needs it; a compiled call records outside the graph (`get_compiled_call`).
         recording = exit_trace is not None and not torch.compiler.is_compiling()
         is_decode_step = recording and is_decode_step_of(cache, query_length)
         model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, kv_sharing=kv_sharing,
+                            **kwargs)
         if adaptive is not None and labels is None:
             outputs = self.model(**model_inputs, adaptive_exit=adaptive)
             last_loops = outputs.exit_loops[:, -1]
@@ -700,6 +736,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         check_draft_loops(self.config, generation_config.assistant_early_exit, "assistant_early_exit")
         names = ("input_ids", "inputs_tensor", "logits_processor", "model_kwargs")
         arguments = dict(zip(names, args), **kwargs)
+        check_speculative_kv_sharing(self.model.resolve_kv_sharing(arguments["model_kwargs"].get("kv_sharing")))
         return LoopDraftCandidateGenerator(
             input_ids=arguments["input_ids"],
             assistant_model=self,

@@ -29,6 +29,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat_looped_moe import CACHE_NAME, create_causal_mask
+from .kv_sharing_looped_moe import LoopSharedCache
 
 
 DRAFT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
@@ -71,6 +72,16 @@ class SelfSpeculativeOutput:
         return self.row_accepted / self.row_drafted.clamp(min=1)
 
 
+def check_speculative_kv_sharing(kv_sharing: str) -> None:
+    """Self-speculation verifies a round's drafts in one forward; under `kv_sharing="last"` that differs from
+    generating them one at a time (each draft's queries would read the drafts before it at their current loop, not
+    their last), so its output could not equal greedy generation: refused."""
+    if kv_sharing == "last":
+        raise ValueError("self-speculative decoding (assistant_early_exit) cannot run with kv_sharing='last': its "
+                         "verification processes the drafts together, which gives other keys/values than generating "
+                         "them one by one; use kv_sharing='first' (exact) or 'none'")
+
+
 def check_draft_loops(config, draft_loops, name: str) -> int:
     """`draft_loops` if it is a valid number of draft loops (1..num_loops-1) for `config`, else `ValueError`."""
     if isinstance(draft_loops, bool) or not isinstance(draft_loops, int) or not 1 <= draft_loops < config.num_loops:
@@ -102,14 +113,15 @@ class LoopDraftCandidateGenerator(EarlyExitCandidateGenerator):
         return candidate_ids, candidate_logits
 
 
-def _crop(cache: DynamicCache, depth_steps: list[int], tokens: int) -> None:
-    """Drop the last `tokens` positions from the cache slots of `depth_steps`."""
+def _crop(cache: DynamicCache, slots, tokens: int) -> None:
+    """Drop the last `tokens` positions from the cache layers `slots`."""
     if tokens > 0:
-        for depth_step in depth_steps:
-            cache.layers[depth_step].crop(-tokens)
+        for slot in slots:
+            cache.layers[slot].crop(-tokens)
 
 
-def _draft(model, token: torch.LongTensor, cache: DynamicCache, mask: torch.Tensor, draft_loops: int, budget: int):
+def _draft(model, token: torch.LongTensor, cache: DynamicCache, mask: torch.Tensor, draft_loops: int, budget: int,
+           kv_sharing: str):
     """`budget` greedy draft tokens per row from loops 1..`draft_loops` (then coda and head), writing the cache.
 
     Args:
@@ -126,7 +138,7 @@ def _draft(model, token: torch.LongTensor, cache: DynamicCache, mask: torch.Tens
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position_ids = mask.sum(-1, keepdim=True) - 1  # the row's real tokens before this one
             out = model.model(token, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-                              output_loop_hidden_states=True)
+                              output_loop_hidden_states=True, kv_sharing=kv_sharing)
             draft_states.append(out.loop_hidden_states[-1])
             loop_inputs.append(out.loop_input)
             token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
@@ -134,20 +146,33 @@ def _draft(model, token: torch.LongTensor, cache: DynamicCache, mask: torch.Tens
     return torch.cat(drafts, dim=1), torch.cat(draft_states, dim=1), torch.cat(loop_inputs, dim=1), mask
 
 
-def _verify(model, hidden_states, loop_input, cache: DynamicCache, mask: torch.Tensor, draft_loops: int):
+def _columns(length: int, like: torch.Tensor) -> DynamicCache:
+    """A cache of `length` positions holding nothing (broadcast zeros), for building masks from lengths."""
+    cache = DynamicCache()
+    placeholder = like.new_zeros(1, 1, 1, 1).expand(1, 1, length, 1)
+    cache.update(placeholder, placeholder, 0)
+    return cache
+
+
+def _verify(model, hidden_states, loop_input, cache: DynamicCache, mask: torch.Tensor, draft_loops: int,
+            kv_sharing: str):
     """Full-depth greedy predictions after each fed token, `[rows, budget]`: the loops after the draft loops and the
     coda for every draft in one forward, reusing the cached keys/values of the prelude and the draft loops."""
     base, config = model.model, model.config
     budget = hidden_states.shape[1]
-    _crop(cache, base.coda_steps(), budget)  # the draft path's coda entries
+    store = base.shared_cache(cache, kv_sharing)
+    slot_of = store.slot if isinstance(store, LoopSharedCache) else int  # one slot per depth step without sharing
+    _crop(cache, [slot_of(step) for step in base.coda_steps()], budget)  # the draft path's coda entries
     resume_step = config.loop_end(draft_loops)
     position_ids = mask[:, :-budget].sum(-1, keepdim=True) + torch.arange(budget, device=mask.device)
-    causal_mask = create_causal_mask(config, hidden_states, mask, cache, position_ids, layer_idx=resume_step)
+    # The mask reads the cache's lengths only; shared slots already hold the drafts, so give it the columns before.
+    causal_mask = create_causal_mask(config, hidden_states, mask, _columns(mask.shape[1] - budget, hidden_states),
+                                     position_ids)
     position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
     for depth_step in range(resume_step, config.num_hidden_layers):
         hidden_states = base.run_depth_step(hidden_states, depth_step, loop_input=loop_input,
                                             attention_mask=causal_mask, position_embeddings=position_embeddings,
-                                            cache=cache)
+                                            cache=store)
     return model.lm_head(base.norm(hidden_states)).argmax(-1)
 
 
@@ -204,6 +229,7 @@ def self_speculative_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     num_draft_tokens_schedule: str = "constant",
+    kv_sharing: str | None = None,
 ) -> SelfSpeculativeOutput:
     """Greedy generation with drafts from the first `draft_loops` loops, verified at full depth, for a batch.
 
@@ -222,6 +248,8 @@ def self_speculative_generate(
         pad_token_id: Fills a row after it stopped (defaults to the generation config's, else the first eos).
         num_draft_tokens_schedule: `"constant"`, or transformers' `"heuristic"` (`"heuristic_transient"` alike):
             two more drafts after a round in which every row accepted all its drafts, else one fewer (at least one).
+        kv_sharing: Cache slots shared across loops (defaults to `config.kv_sharing`); `"last"` is refused (see
+            [`check_speculative_kv_sharing`]).
 
     Returns:
         A [`SelfSpeculativeOutput`].
@@ -233,6 +261,8 @@ def self_speculative_generate(
         raise ValueError(f"attention_mask must be 2D like input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     check_draft_loops(config, draft_loops, "draft_loops")
+    kv_sharing = model.model.resolve_kv_sharing(kv_sharing)
+    check_speculative_kv_sharing(kv_sharing)
     if num_draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
     if num_draft_tokens_schedule not in DRAFT_SCHEDULES:
@@ -251,7 +281,7 @@ def self_speculative_generate(
     cache = DynamicCache(config=config)
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model.model(input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-                      exit_loop=config.num_loops)
+                      exit_loop=config.num_loops, kv_sharing=kv_sharing)
     next_token = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
     tokens = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     tokens[:, :1] = next_token
@@ -271,8 +301,8 @@ def self_speculative_generate(
         rounds += 1
         remaining = max_new_tokens - lengths[rows]
         budget = min(num_draft_tokens, int(remaining.max()))
-        drafts, draft_states, loop_input, mask = _draft(model, next_token, cache, mask, draft_loops, budget)
-        verified = _verify(model, draft_states, loop_input, cache, mask, draft_loops)
+        drafts, draft_states, loop_input, mask = _draft(model, next_token, cache, mask, draft_loops, budget, kv_sharing)
+        verified = _verify(model, draft_states, loop_input, cache, mask, draft_loops, kv_sharing)
         num_accepted = (verified == drafts).long().cumprod(1).sum(1)
         # A row emits its accepted drafts and the correction after them, which equal its first verified tokens.
         emitted = (num_accepted + 1).clamp(max=budget)
@@ -290,7 +320,8 @@ def self_speculative_generate(
 
 
 # What `generate` may pass to the decoding method besides the prompt that the fast path honours or may ignore.
-_SERVED_MODEL_KWARGS = {"attention_mask", "position_ids", "use_cache", "logits_to_keep", "exit_trace", CACHE_NAME}
+_SERVED_MODEL_KWARGS = {"attention_mask", "position_ids", "use_cache", "logits_to_keep", "exit_trace", "kv_sharing",
+                        CACHE_NAME}
 _OUTPUT_FLAGS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
 
@@ -357,6 +388,7 @@ def batched_assisted_decoding(model, input_ids: torch.LongTensor, logits_process
         eos_token_id=_token_ids(generation_config._eos_token_tensor),
         pad_token_id=None if generation_config._pad_token_tensor is None else int(generation_config._pad_token_tensor),
         num_draft_tokens_schedule=generation_config.num_assistant_tokens_schedule,
+        kv_sharing=kwargs.get("kv_sharing"),
     )
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=output.sequences)

@@ -100,8 +100,13 @@ for row in range(ids.shape[0]):
     assert torch.equal(new_tokens(alone, int(keep.sum()))[0], new_tokens(adaptive, ids.shape[1])[row]), row
     assert torch.equal(alone.exit_loops[0], adaptive.exit_loops[row]), row
 
+# Cache slots shared across loops, as a generate keyword; "first" decodes as it recomputes without a cache.
+shared = {rule: generate(ids, mask, kv_sharing=rule).sequences.tolist() for rule in ("last", "first")}
+assert shared["first"] == generate(ids, mask, kv_sharing="first", use_cache=False).sequences.tolist()
+
 with open(out_path, "w") as handle:
     json.dump({
+        "shared": shared,
         "ids": ids.tolist(), "mask": mask.tolist(), "threshold": threshold,
         "cached": cached.sequences.tolist(), "adaptive": adaptive.sequences.tolist(),
         "adaptive_exit_loops": adaptive.exit_loops.tolist(),
@@ -130,5 +135,7 @@ def test_remote_code_generation_on_this_transformers(tmp_path):
                               return_dict_in_generate=True, **common)
     assert adaptive.sequences.tolist() == remote["adaptive"]
     assert adaptive.exit_loops.tolist() == remote["adaptive_exit_loops"]
+    for rule, sequences in remote["shared"].items():
+        assert model.generate(ids, kv_sharing=rule, **common).tolist() == sequences, rule
     exit_loops = torch.tensor(remote["adaptive_exit_loops"])
     assert exit_loops.min() < model.config.num_loops  # the threshold between the extremes does exit early
