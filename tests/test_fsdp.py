@@ -1,18 +1,18 @@
 """FSDP2 with `apply_fsdp2`: two gloo processes on CPU shard a tied, looped IterAdaLN model and train as one process.
 
-The model (`small_config`): prelude 1, loop block 2 x 2 loops, coda 1, expert tying in groups of 2 (bank 0 serves
-layers 0 and 1, bank 1 layers 2 and 3), IterAdaLN, router load-balancing and z losses on. Each of 5 AdamW steps
-takes a fixed global batch of 4 sequences (two batches, alternating); rank r of the two processes gets its half r.
-The router losses are per-forward means (load balancing is a product of per-batch means), so the one-process
-reference, run in this (parent) process without FSDP, runs the same two halves as two micro-batches and steps on
-the mean of their losses: FSDP's reduce-scatter averages the two processes' gradients, so both compute the same
-update. The optimizer is AdamW with the train command's parameter groups (tied banks at lr / sqrt(2)), which also
-checks that sharding keeps the parameter names. Tolerance 1e-5 on the per-step losses (measured on torch 2.13 and
-2.14: equal to the last bit; with a single AdamW group, 5e-7 at the fifth step: the order of the gradient sums).
+The model (`small_config`): prelude 1, loop block 2 x 2 loops, coda 1, expert tying in groups of 2 (bank 0 serves layers
+0 and 1, bank 1 layers 2 and 3), IterAdaLN, tied word embeddings, router load-balancing and z losses on. Each of 5 AdamW
+steps takes a fixed global batch of 4 sequences (two batches, alternating); rank r of the two processes gets its half r.
+The router losses are per-forward means (load balancing is a product of per-batch means), so the one-process reference,
+run in this (parent) process without FSDP, runs the same two halves as two micro-batches and steps on the mean of their
+losses: FSDP's reduce-scatter averages the two processes' gradients, so both compute the same update. The optimizer is
+AdamW with the train command's parameter groups (tied banks at lr / sqrt(2)), which also checks that sharding keeps the
+parameter names. Tolerance 1e-5 on the per-step losses (measured on torch 2.13 and 2.14: equal to the last bit; with a
+single AdamW group, 5e-7 at the fifth step: the order of the gradient sums).
 
-Checkpoints (`save_sharded_checkpoint`, `load_sharded_checkpoint`, `save_gathered_checkpoint`): the same training with
-tied word embeddings saves a DCP folder after step 3, which a fresh pair of processes resumes; the gathered
-`save_pretrained` folder is compared with the sharded model's logits (1e-5, fp32).
+Checkpoints (`save_sharded_checkpoint`, `load_sharded_checkpoint`, `save_gathered_checkpoint`): the same run saves a
+DCP folder after step 3, which a fresh pair of processes resumes, and a gathered `save_pretrained` folder at the end,
+compared with the sharded model's logits (1e-5, fp32).
 """
 
 from __future__ import annotations
@@ -31,15 +31,21 @@ from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.training.fsdp import apply_fsdp2
 from modeling_looped_moe.training.trainer import optimizer_param_groups
 
+# Tied word embeddings: the LM head shares the embedding, one tensor that must stay in one unit (apply_fsdp2: the root).
 CONFIG = dict(loop_conditioning="iter_adaln", expert_tying_group_size=2, num_loops=2, router_aux_loss_coef=0.02,
-              router_z_loss_coef=1e-3)
+              tie_word_embeddings=True, router_z_loss_coef=1e-3)
 STEPS, GLOBAL_BATCH, LENGTH, LEARNING_RATE = 5, 4, 16, 1e-2
+SAVE_AFTER = 3  # steps before the sharded checkpoint; the resumed run repeats steps SAVE_AFTER..STEPS-1
 WORLD_SIZE = 2
 
 
 def _model(seed: int = 0, **overrides) -> LoopedMoeForCausalLM:
     torch.manual_seed(seed)
     return LoopedMoeForCausalLM(small_config(**CONFIG, **overrides)).train()
+
+
+def _probe_ids() -> torch.Tensor:
+    return torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
 def _global_batches() -> list[torch.Tensor]:
@@ -72,10 +78,13 @@ def _train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    """One FSDP process (run in a child by `test_two_gloo_processes_shard_and_match_one_process`)."""
+    """One FSDP process of the `sharded_run` fixture: train STEPS steps, a sharded checkpoint after SAVE_AFTER, then
+    logits of the trained model and a gathered checkpoint."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
+
+    from modeling_looped_moe.training.fsdp import save_gathered_checkpoint, save_sharded_checkpoint
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
@@ -91,7 +100,14 @@ def _worker(rank: int, out_dir: str) -> None:
         }
         optimizer = _optimizer(model)
         report["groups"] = {group["name"]: len(group["params"]) for group in optimizer.param_groups}
-        report["losses"] = _train_steps(model, optimizer, rank, range(STEPS))
+        report["losses"] = _train_steps(model, optimizer, rank, range(SAVE_AFTER))
+        save_sharded_checkpoint(model, optimizer, Path(out_dir, "sharded"), state={"step": SAVE_AFTER})
+        report["losses"] += _train_steps(model, optimizer, rank, range(SAVE_AFTER, STEPS))
+        with torch.no_grad():
+            logits = model.eval()(input_ids=_probe_ids()).logits
+        report["saved"] = save_gathered_checkpoint(model, Path(out_dir, "gathered")) is not None
+        if rank == 0:
+            torch.save(logits, Path(out_dir, "sharded_logits.pt"))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -113,11 +129,18 @@ def _reference_losses() -> tuple[list[float], float]:
     return losses, first_aux
 
 
-def test_two_gloo_processes_shard_and_match_one_process(tmp_path):
-    # the one-process reference runs here meanwhile
-    reference, first_aux = run_gloo_workers(tmp_path, "test_fsdp", "_worker", WORLD_SIZE, _reference_losses)
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> dict:
+    """One launch of `_worker` on two processes, shared by the sharding and the checkpoint tests; the one-process
+    reference runs here meanwhile."""
+    root = tmp_path_factory.mktemp("fsdp")
+    reference, first_aux = run_gloo_workers(root, "test_fsdp", "_worker", WORLD_SIZE, _reference_losses)
+    reports = [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    return {"root": root, "reference": reference, "first_aux": first_aux, "reports": reports}
 
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+def test_two_gloo_processes_shard_and_match_one_process(sharded_run):
+    reference, first_aux, reports = sharded_run["reference"], sharded_run["first_aux"], sharded_run["reports"]
     model = _model()
     expected_units = sorted(["", *(f"model.layers.{i}" for i in range(len(model.model.layers))),
                              *(f"model.expert_banks.{i}" for i in range(len(model.model.expert_banks)))])
@@ -185,38 +208,6 @@ def test_trainer_refuses_fsdp_it_would_not_shard(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: sharded (DCP) save and resume, gathered save_pretrained
 # ----------------------------------------------------------------------------------------------------------------------
-SAVE_AFTER = 3  # steps before the sharded checkpoint; the resumed run repeats steps SAVE_AFTER..STEPS-1
-TIED_EMBEDDINGS = dict(tie_word_embeddings=True)  # the LM head shares the embedding: one tensor in the root unit
-
-
-def _probe_ids() -> torch.Tensor:
-    return torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
-
-
-def _checkpoint_worker(rank: int, out_dir: str) -> None:
-    """Train SAVE_AFTER steps, save a sharded checkpoint, train to STEPS, record logits, save a gathered checkpoint."""
-    import torch.distributed as dist
-
-    from modeling_looped_moe.training.fsdp import save_gathered_checkpoint, save_sharded_checkpoint
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
-    try:
-        model = apply_fsdp2(_model(**TIED_EMBEDDINGS))
-        optimizer = _optimizer(model)
-        losses = _train_steps(model, optimizer, rank, range(SAVE_AFTER))
-        save_sharded_checkpoint(model, optimizer, Path(out_dir, "sharded"), state={"step": SAVE_AFTER})
-        losses += _train_steps(model, optimizer, rank, range(SAVE_AFTER, STEPS))
-        with torch.no_grad():
-            logits = model.eval()(input_ids=_probe_ids()).logits
-        saved = save_gathered_checkpoint(model, Path(out_dir, "gathered"))
-        if rank == 0:
-            torch.save(logits, Path(out_dir, "sharded_logits.pt"))
-        Path(out_dir, f"trained{rank}.json").write_text(json.dumps({"losses": losses, "saved": saved is not None}))
-    finally:
-        dist.destroy_process_group()
-
-
 def _resume_worker(rank: int, out_dir: str) -> None:
     """A fresh pair of processes: another random init, then the sharded checkpoint, then steps SAVE_AFTER..STEPS-1."""
     import torch.distributed as dist
@@ -226,7 +217,7 @@ def _resume_worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
     try:
-        model = apply_fsdp2(_model(seed=7, **TIED_EMBEDDINGS))  # every parameter must come from the checkpoint
+        model = apply_fsdp2(_model(seed=7))  # every parameter must come from the checkpoint
         optimizer = _optimizer(model)
         state = load_sharded_checkpoint(model, optimizer, Path(out_dir, "sharded"))
         losses = _train_steps(model, optimizer, rank, range(state["step"], STEPS))
@@ -248,25 +239,24 @@ with torch.no_grad():
 '''
 
 
-def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(tmp_path):
-    """Two gloo processes train a tied-embedding variant of the model, save a DCP checkpoint after step 3 and, at
-    the end, a gathered `save_pretrained` checkpoint. A fresh pair of processes (another random init) resumes from
-    the DCP folder and reproduces steps 4 and 5 (losses within 1e-5: same shards, same AdamW moments and counts).
-    The gathered folder loads with the package and with `trust_remote_code=True`, stores each expert bank once and
-    the tied head not at all, and gives the sharded model's logits within 1e-5."""
+def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(sharded_run):
+    """The `sharded_run` saved a DCP checkpoint after step 3 and, at the end, a gathered `save_pretrained` checkpoint.
+    A fresh pair of processes (another random init) resumes from the DCP folder and reproduces steps 4 and 5 (losses
+    within 1e-5: same shards, same AdamW moments and counts). The gathered folder loads with the package and with
+    `trust_remote_code=True`, stores each expert bank once and the tied head not at all, and gives the sharded
+    model's logits within 1e-5."""
     from safetensors import safe_open
 
-    folder = tmp_path / "gathered"
-    run_gloo_workers(tmp_path, "test_fsdp", "_checkpoint_worker", WORLD_SIZE)
-    torch.save(_probe_ids(), tmp_path / "ids.pt")
+    root = sharded_run["root"]
+    folder = root / "gathered"
+    torch.save(_probe_ids(), root / "ids.pt")
 
     def load_remotely():  # while the resumed pair runs, in a child that cannot import the package
-        run_child(GATHERED_REMOTE_SCRIPT, [folder, tmp_path / "ids.pt", tmp_path / "remote.pt"], tmp_path,
-                  hide_package=True)
+        run_child(GATHERED_REMOTE_SCRIPT, [folder, root / "ids.pt", root / "remote.pt"], root, hide_package=True)
 
-    run_gloo_workers(tmp_path, "test_fsdp", "_resume_worker", WORLD_SIZE, load_remotely)
-    trained = [json.loads((tmp_path / f"trained{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
-    resumed = [json.loads((tmp_path / f"resumed{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    run_gloo_workers(root, "test_fsdp", "_resume_worker", WORLD_SIZE, load_remotely)
+    trained = sharded_run["reports"]
+    resumed = [json.loads((root / f"resumed{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     assert [report["saved"] for report in trained] == [True, False]  # rank 0 writes the folder
     assert resumed[0]["state"] == {"step": SAVE_AFTER}
     expected = trained[0]["losses"][SAVE_AFTER:]
@@ -279,15 +269,15 @@ def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(tmp_path):
     banks = {key for key in keys if "expert" in key}
     assert banks == {f"model.expert_banks.{bank}.{name}" for bank in range(2) for name in ("gate_up_proj", "down_proj")}
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
-    sharded_logits = torch.load(tmp_path / "sharded_logits.pt")
+    sharded_logits = torch.load(root / "sharded_logits.pt")
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         assert_fp32_close(model.eval()(input_ids=_probe_ids()).logits, sharded_logits)
-    assert not torch.allclose(_model(**TIED_EMBEDDINGS).eval()(input_ids=_probe_ids()).logits, sharded_logits,
+    assert not torch.allclose(_model().eval()(input_ids=_probe_ids()).logits, sharded_logits,
                               atol=1e-3)  # training changed the model: the comparison can fail
-    assert_fp32_close(torch.load(tmp_path / "remote.pt"), sharded_logits)
+    assert_fp32_close(torch.load(root / "remote.pt"), sharded_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,8 +332,10 @@ def _accelerate_worker(rank: int, out_dir: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-    tail = [model.model.norm._get_fsdp_state(), model.lm_head._get_fsdp_state()]
-    state.update(units=sorted(units), losses=losses, is_fsdp2=accelerator.is_fsdp2, tail_is_one_unit=tail[0] is tail[1],
+    tail = [model.model.norm._get_fsdp_state(), model.lm_head._get_fsdp_state(),
+            model.model.embed_tokens._get_fsdp_state()]
+    state.update(units=sorted(units), losses=losses, is_fsdp2=accelerator.is_fsdp2,
+                 tail_is_one_unit=all(unit is tail[0] for unit in tail),
                  world_size=accelerator.num_processes)
     Path(out_dir, f"accelerate{rank}.json").write_text(json.dumps(state))
     accelerator.end_training()  # destroys the process group
@@ -352,7 +344,8 @@ def _accelerate_worker(rank: int, out_dir: str) -> None:
 def test_accelerate_fsdp2_auto_wrap_gives_a_unit_per_layer_and_bank(tmp_path):
     """accelerate's FSDP2 preparation of our model (auto-wrap by `_no_split_modules`) on 2 gloo processes: the units
     of apply_fsdp2 (one per decoder layer and per expert bank), plus accelerate's own split of the root (the final
-    norm and LM head in one unit, the embedding in another); no shared-parameter error; 5 steps equal one process."""
+    norm, the embedding and the LM head tied to it in one unit); no shared-parameter error; 5 steps equal one
+    process."""
     reference, _ = run_gloo_workers(tmp_path, "test_fsdp", "_accelerate_worker", WORLD_SIZE, _reference_losses)
     reports = [json.loads((tmp_path / f"accelerate{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     model = _model()
@@ -362,7 +355,7 @@ def test_accelerate_fsdp2_auto_wrap_gives_a_unit_per_layer_and_bank(tmp_path):
         assert report["distributed_type_before"] == "DistributedType.MULTI_CPU"  # accelerate alone would not shard
         assert report["is_fsdp2"] and report["world_size"] == WORLD_SIZE
         assert report["units"] == sorted(["", "model.embed_tokens", "model.norm", "lm_head", *layers_and_banks])
-        assert report["tail_is_one_unit"]  # fully_shard([norm, lm_head]): one unit
+        assert report["tail_is_one_unit"]  # tied: fully_shard([norm, embed_tokens, lm_head]), one unit
         for step, (sharded, single) in enumerate(zip(report["losses"], reference)):
             assert abs(sharded - single) <= 1e-5, (step, report["losses"], reference)
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
-from conftest import REPO, free_port
+from conftest import free_port
 from modeling_looped_moe.training.command import main
 from modeling_looped_moe.training.data import ModelDataArguments
 
@@ -70,8 +70,9 @@ def _reference_losses(common: list[str], run: Path) -> dict[int, float]:
     from modeling_looped_moe.training.trainer import LoopedMoeTrainingArguments, build_optimizer
 
     parser = HfArgumentParser((ModelDataArguments, LoopedMoeTrainingArguments))
-    data_args, args = parser.parse_args_into_dataclasses(args=[
-        *common, "--eval_fraction", "0.1", "--gradient_accumulation_steps", "2", "--output_dir", str(run.parent / "ref")])
+    data_args, args = parser.parse_args_into_dataclasses(args=[*common, "--eval_fraction", "0.1",
+                                                               "--gradient_accumulation_steps", "2",
+                                                               "--output_dir", str(run.parent / "ref")])
     tokenizer = AutoTokenizer.from_pretrained(run)  # trained by rank 0 of the launch
     blocks, _ = tokenize_blocks(tokenizer, load_documents(data_args), data_args.block_size)
     torch.manual_seed(args.seed)
