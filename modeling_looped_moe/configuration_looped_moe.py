@@ -141,6 +141,31 @@ class LoopedMoeConfig(PreTrainedConfig):
 
     model_type = "looped_moe"
     keys_to_ignore_at_inference = [CACHE_NAME]
+    # transformers' tensor- and expert-parallel plans (`from_pretrained(..., tp_plan="auto")`), as Qwen3-MoE's with our
+    # module paths: attention column/row-wise, each expert bank tensor- or expert-parallel, routers replicated (every
+    # rank must route every token alike). The dense-MLP rules match nothing in an all-MoE model.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+        "expert_banks.*.gate_up_proj": "packed_colwise",
+        "expert_banks.*.down_proj": "rowwise",
+        "expert_banks.*": "moe_tp_experts",
+    }
+    base_model_ep_plan = {
+        "expert_banks.*.gate_up_proj": "grouped_gemm",
+        "expert_banks.*.down_proj": "grouped_gemm",
+        "expert_banks.*": "ep_dispatch_experts",
+    }
 
     def __init__(
         self,

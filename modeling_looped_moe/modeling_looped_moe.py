@@ -183,7 +183,9 @@ class LoopedMoePreTrainedModel(PreTrainedModel):
     config_class = LoopedMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LoopedMoeDecoderLayer"]
+    # Banks are owned by the model, not by the layers using them: listed here, accelerate's FSDP auto-wrap gives each
+    # bank its own unit (as `apply_fsdp2` does) instead of leaving every bank in the root unit.
+    _no_split_modules = ["LoopedMoeDecoderLayer", "LoopedMoeExperts"]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False

@@ -283,20 +283,8 @@ def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(sharded_run):
 # ----------------------------------------------------------------------------------------------------------------------
 # accelerate's own FSDP2 preparation (what Trainer runs on GPUs), forced on CPU
 # ----------------------------------------------------------------------------------------------------------------------
-# What accelerate's auto-wrap reads: with the expert bank class in `_no_split_modules`, each bank gets a unit of its own
-# as in apply_fsdp2. Until `LoopedMoePreTrainedModel` declares it (the change is pending in modeling_looped_moe.py),
-# the tests set it on the class; once declared, they test the real attribute.
-NO_SPLIT_MODULES = ["LoopedMoeDecoderLayer", "LoopedMoeExperts"]
-
-
-def _declare_bank_units(monkeypatch: pytest.MonkeyPatch | None = None) -> None:
-    """Set `NO_SPLIT_MODULES` on the model class unless it declares the bank class already (with `monkeypatch` in
-    the test process, so that other tests see the class unchanged)."""
-    from modeling_looped_moe.modeling_looped_moe import LoopedMoePreTrainedModel
-
-    if "LoopedMoeExperts" not in LoopedMoePreTrainedModel._no_split_modules:
-        setattr_ = monkeypatch.setattr if monkeypatch is not None else setattr
-        setattr_(LoopedMoePreTrainedModel, "_no_split_modules", NO_SPLIT_MODULES)
+# What accelerate's auto-wrap reads: with the expert bank class in `_no_split_modules` (as `LoopedMoePreTrainedModel`
+# declares it), each bank gets a unit of its own, as in apply_fsdp2.
 
 
 def _accelerate_worker(rank: int, out_dir: str) -> None:
@@ -312,7 +300,6 @@ def _accelerate_worker(rank: int, out_dir: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     torch.set_num_threads(1)
-    _declare_bank_units()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             reshard_after_forward=True)
     accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
@@ -360,7 +347,7 @@ def test_accelerate_fsdp2_auto_wrap_gives_a_unit_per_layer_and_bank(tmp_path):
             assert abs(sharded - single) <= 1e-5, (step, report["losses"], reference)
 
 
-def test_no_split_modules_make_accelerate_wrap_each_bank(monkeypatch):
+def test_no_split_modules_make_accelerate_wrap_each_bank():
     """The policy accelerate builds from `_no_split_modules` selects decoder layers and expert banks (the layers alone
     would leave every bank in the root unit, gathered for the whole step)."""
     from accelerate import FullyShardedDataParallelPlugin
@@ -368,7 +355,6 @@ def test_no_split_modules_make_accelerate_wrap_each_bank(monkeypatch):
 
     from modeling_looped_moe.modeling_looped_moe import LoopedMoeDecoderLayer, LoopedMoeExperts
 
-    _declare_bank_units(monkeypatch)
     model = _model()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
     plugin.set_auto_wrap_policy(model)

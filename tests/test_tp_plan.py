@@ -4,8 +4,8 @@ The plans (`TP_PLAN`, `EP_PLAN`) follow transformers' Qwen3-MoE (5.23) with our 
 column-wise (q, k, v) and row-wise (o), the per-head q/k norms replicated, dense and shared-expert MLPs column/row-wise,
 each expert bank `expert_banks.{b}` tensor-parallel (`packed_colwise` fused gate/up, row-wise down, `moe_tp_experts`
 on the bank's forward) or expert-parallel (`ep_dispatch_experts`, `grouped_gemm`). Routers stay replicated (every
-rank must route every token alike), as in transformers' MoE plans. They are pending in `configuration_looped_moe.py`;
-until the config declares them, the workers set them on the class (the tests then check the real declaration).
+rank must route every token alike), as in transformers' MoE plans; `LoopedMoeConfig` declares them and the tests check
+the declaration.
 
 Each process loads the same tied (groups of 2), looped, IterAdaLN checkpoint with tied word embeddings (the head and
 the embedding are sharded both, by transformers' embedding and `lm_head: colwise_gather_output` rules) and compares
@@ -58,13 +58,12 @@ def _ids() -> torch.Tensor:
     return torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
-def _declare_plans() -> None:
+def _check_declared_plans() -> None:
+    """The plans the config declares are the ones these tests were written for."""
     from modeling_looped_moe import LoopedMoeConfig
 
-    if not LoopedMoeConfig.base_model_tp_plan:
-        LoopedMoeConfig.base_model_tp_plan = TP_PLAN
-    if not getattr(LoopedMoeConfig, "base_model_ep_plan", None):
-        LoopedMoeConfig.base_model_ep_plan = EP_PLAN
+    assert LoopedMoeConfig.base_model_tp_plan == TP_PLAN
+    assert LoopedMoeConfig.base_model_ep_plan == EP_PLAN
 
 
 def _load_and_run(folder: str, **kwargs) -> dict:
@@ -87,7 +86,7 @@ def _tp_worker(rank: int, out_dir: str) -> None:
     from transformers.distributed import DistributedConfig
 
     torch.set_num_threads(1)
-    _declare_plans()
+    _check_declared_plans()
     folder = str(Path(out_dir, "model"))
     report = {"tp": _load_and_run(folder, tp_plan="auto"),
               "ep": _load_and_run(folder, distributed_config=DistributedConfig(tp_size=2, ep_size=2, tp_plan="auto"))}
