@@ -5,12 +5,12 @@ and the memory of the loaded model (each expert bank once). Issue 20, point 4; f
 Builds a random looped model of the package (prelude 1, loop block 2 x 3 loops, coda 1, 8 experts top-2 on 3 banks
 for 4 MoE layers, per-loop routers, IterAdaLN; `serving.checkpoints.looped_config`), saves it, checks that both
 libraries' greedy tokens agree, then times greedy generation of `--new-tokens` tokens after `--prompt`-token
-prompts, best of `--repeats`: `generate()` first (one call per batch; batch 16 of equal-length prompts, no
+prompts, best of `--repeats` after a warm-up run: `generate()` first (one call per batch; batch 16 of equal-length prompts, no
 padding), then vLLM (one `LLM.generate` call per batch, float32, eager, prefix caching off so that repeats
 process their prompts again). Tokens/s counts generated tokens over the
 whole call (prompt processing included). Nothing is asserted about times; run it on a quiet machine.
 
-    python benchmarks/bench_vllm.py [--hidden 512] [--vocab 4096] [--prompt 32] [--new-tokens 64] [--repeats 2]
+    python benchmarks/bench_vllm.py [--hidden 512] [--vocab 4096] [--prompt 32] [--new-tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 
 
 def best_time(function, repeats: int) -> float:
-    """The fastest of `repeats` wall-clock runs of `function()`."""
+    """The fastest of `repeats` wall-clock runs of `function()`, after one untimed warm-up run."""
+    function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for generate()")
     args = parser.parse_args(argv)
 
