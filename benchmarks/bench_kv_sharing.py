@@ -1,7 +1,7 @@
 """KV cache sharing across loops (`kv_sharing`): cache memory, peak RSS, decode speed and quality cost.
 
     looped-moe-demo --output-dir runs/demo            # the main job's model (tiny preset, 4 loops), ~4 minutes
-    python benchmarks/bench_kv_sharing.py --load runs/demo/model [--quality-blocks 16] [--repeats 5]
+    python benchmarks/bench_kv_sharing.py --load runs/demo/model [--parts memory rss speed quality] [--repeats 5]
 
 Prints, for every `kv_sharing` option ("none" is one slot per depth step):
 
@@ -36,6 +36,7 @@ from modeling_looped_moe.compat_looped_moe import output_cache
 from modeling_looped_moe.kv_sharing_looped_moe import cache_bytes
 
 OPTIONS = ("none", "last", "first")
+PARTS = ("memory", "rss", "speed", "quality")
 
 
 def bytes_per_token(load: str, num_loops: int, kv_sharing: str, length: int = 64) -> float:
@@ -79,15 +80,15 @@ def peak_rss(args: argparse.Namespace, kv_sharing: str) -> dict:
 
 
 @torch.no_grad()
-def decode_times(model, prompts: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` greedy `generate` seconds per option, runs interleaved."""
+def decode_times(model, prompts: torch.Tensor, new_tokens: int, repeats: int, clock) -> dict[str, float]:
+    """Best-of-`repeats` greedy `generate` seconds (by `clock`) per option, runs interleaved."""
     best = {option: math.inf for option in OPTIONS}
     for _ in range(repeats):
         for option in OPTIONS:
-            start = time.perf_counter()
+            start = clock()
             model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, kv_sharing=option)
-            best[option] = min(best[option], time.perf_counter() - start)
+            best[option] = min(best[option], clock() - start)
     return best
 
 
@@ -124,6 +125,64 @@ def agreement(model, prompts: torch.Tensor, new_tokens: int) -> dict[str, tuple[
     return results
 
 
+def memory_table(load: str) -> None:
+    print("\n1. cache bytes per token (batch 1) against num_loops")
+    print("\n| kv_sharing | " + " | ".join(f"num_loops={n}" for n in range(1, 5)) + " |")
+    print("| --- |" + " ---: |" * 4)
+    for option in OPTIONS:
+        sizes = [bytes_per_token(load, n, option) for n in range(1, 5)]
+        print(f"| {option} | " + " | ".join(f"{size:,.0f}" for size in sizes) + " |")
+
+
+def rss_table(args: argparse.Namespace) -> None:
+    print(f"\n2. peak RSS: {args.rss_preset} {' '.join(args.rss_set)} (random weights), batch {args.rss_batch}, "
+          f"prompt {args.rss_prompt}, {args.rss_new_tokens} new tokens, one fresh process per option")
+    print("\n| kv_sharing | cache MiB | RSS before generate MiB | peak RSS MiB | peak - before | generate s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for option in OPTIONS:
+        rss = peak_rss(args, option)
+        print(f"| {option} | {rss['cache_mib']:.0f} | {rss['before_mib']:.0f} | {rss['peak_mib']:.0f} | "
+              f"{rss['peak_mib'] - rss['before_mib']:.0f} | {rss['seconds']:.1f} |")
+
+
+def quality_and_speed_tables(args: argparse.Namespace) -> None:
+    from modeling_looped_moe.training.data import ModelDataArguments, load_documents, tokenize_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(args.load)
+    model = LoopedMoeForCausalLM.from_pretrained(args.load).eval()
+    _, eval_blocks = tokenize_blocks(tokenizer, load_documents(ModelDataArguments()), args.block_size)
+    if "speed" in args.parts:
+        speed_table(args, model, eval_blocks[-8:, :32])
+    if "quality" in args.parts:
+        quality_table(args, model, eval_blocks)
+
+
+def speed_table(args: argparse.Namespace, model, prompts: torch.Tensor) -> None:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = decode_times(model, prompts, args.decode_tokens, args.repeats, clock)
+    print(f"\n3. greedy decode, batch {prompts.shape[0]}, prompt {prompts.shape[1]}, {args.decode_tokens} new tokens, "
+          f"min of {args.repeats} interleaved runs ({args.clock} time), {args.threads} thread(s), "
+          f"{model.config.num_loops} loops")
+    print("\n| kv_sharing | seconds | none / this |")
+    print("| --- | ---: | ---: |")
+    for option, seconds in times.items():
+        print(f"| {option} | {seconds:.3f} | {times['none'] / seconds:.2f}x |")
+
+
+def quality_table(args: argparse.Namespace, model, eval_blocks: torch.Tensor) -> None:
+    blocks = eval_blocks[: args.quality_blocks]
+    agreement_prompts = eval_blocks[args.quality_blocks : args.quality_blocks + args.agreement_prompts, :16]
+    agree = agreement(model, agreement_prompts, args.agreement_tokens)
+    print(f"\n4. quality: held-out {tuple(blocks.shape)} fed one token at a time through the cache; greedy agreement "
+          f"over {args.agreement_tokens} tokens from {agreement_prompts.shape[0]} held-out 16-token prompts")
+    print("\n| kv_sharing | held-out ppl (cached) | top-1 agreement, teacher-forced | identical free-running tokens |")
+    print("| --- | ---: | ---: | ---: |")
+    for option in tqdm(OPTIONS, desc="perplexity", leave=False):
+        losses, _ = cached_token_losses(model, blocks, option)
+        forced, free = agree[option]
+        print(f"| {option} | {math.exp(losses.double().mean().item()):.2f} | {forced:.1%} | {free:.1%} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="a saved looped model with its tokenizer (e.g. the demo's)")
@@ -133,12 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agreement-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="decode timing: wall time, or this process's CPU time (steadier on a shared machine)")
     parser.add_argument("--rss-preset", default="looped-moe-8x2")
     parser.add_argument("--rss-set", nargs="*", default=["num_loop_layers=2", "num_loops=4"],
                         metavar="KEY=VALUE", help="config overrides of the RSS model (JSON values)")
     parser.add_argument("--rss-batch", type=int, default=8)
     parser.add_argument("--rss-prompt", type=int, default=2048)
     parser.add_argument("--rss-new-tokens", type=int, default=16)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="sections to run")
     parser.add_argument("--rss-child", choices=OPTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -152,47 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"load average at start: {os.getloadavg()}")
 
-    print("\n1. cache bytes per token (batch 1) against num_loops")
-    print("\n| kv_sharing | " + " | ".join(f"num_loops={n}" for n in range(1, 5)) + " |")
-    print("| --- |" + " ---: |" * 4)
-    for option in OPTIONS:
-        sizes = [bytes_per_token(args.load, n, option) for n in range(1, 5)]
-        print(f"| {option} | " + " | ".join(f"{size:,.0f}" for size in sizes) + " |")
-
-    print(f"\n2. peak RSS: {args.rss_preset} {' '.join(args.rss_set)} (random weights), batch {args.rss_batch}, "
-          f"prompt {args.rss_prompt}, {args.rss_new_tokens} new tokens, one fresh process per option")
-    print("\n| kv_sharing | cache MiB | RSS before generate MiB | peak RSS MiB | peak - before | generate s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for option in OPTIONS:
-        rss = peak_rss(args, option)
-        print(f"| {option} | {rss['cache_mib']:.0f} | {rss['before_mib']:.0f} | {rss['peak_mib']:.0f} | "
-              f"{rss['peak_mib'] - rss['before_mib']:.0f} | {rss['seconds']:.1f} |")
-
-    from modeling_looped_moe.training.data import ModelDataArguments, load_documents, tokenize_blocks
-
-    tokenizer = AutoTokenizer.from_pretrained(args.load)
-    model = LoopedMoeForCausalLM.from_pretrained(args.load).eval()
-    _, eval_blocks = tokenize_blocks(tokenizer, load_documents(ModelDataArguments()), args.block_size)
-    prompts = eval_blocks[-8:, :32]
-    times = decode_times(model, prompts, args.decode_tokens, args.repeats)
-    print(f"\n3. greedy decode, batch {prompts.shape[0]}, prompt {prompts.shape[1]}, {args.decode_tokens} new tokens, "
-          f"min of {args.repeats} interleaved runs, {args.threads} thread(s), {model.config.num_loops} loops")
-    print("\n| kv_sharing | seconds | none / this |")
-    print("| --- | ---: | ---: |")
-    for option, seconds in times.items():
-        print(f"| {option} | {seconds:.3f} | {times['none'] / seconds:.2f}x |")
-
-    blocks = eval_blocks[: args.quality_blocks]
-    agreement_prompts = eval_blocks[args.quality_blocks : args.quality_blocks + args.agreement_prompts, :16]
-    agree = agreement(model, agreement_prompts, args.agreement_tokens)
-    print(f"\n4. quality: held-out {tuple(blocks.shape)} fed one token at a time through the cache; greedy agreement "
-          f"over {args.agreement_tokens} tokens from {agreement_prompts.shape[0]} held-out 16-token prompts")
-    print("\n| kv_sharing | held-out ppl (cached) | top-1 agreement, teacher-forced | identical free-running tokens |")
-    print("| --- | ---: | ---: | ---: |")
-    for option in tqdm(OPTIONS, desc="perplexity", leave=False):
-        losses, _ = cached_token_losses(model, blocks, option)
-        forced, free = agree[option]
-        print(f"| {option} | {math.exp(losses.double().mean().item()):.2f} | {forced:.1%} | {free:.1%} |")
+    if "memory" in args.parts:
+        memory_table(args.load)
+    if "rss" in args.parts:
+        rss_table(args)
+    if "speed" in args.parts or "quality" in args.parts:
+        quality_and_speed_tables(args)
     print(f"\nload average at end: {os.getloadavg()}")
 
 
