@@ -34,6 +34,9 @@ def test_static_exit_is_served_and_the_rest_is_refused_by_name():
     assert "adaptive early exit (exit_criterion='entropy')" in unsupported_reason(adaptive)
     assert "self-speculative decoding" in unsupported_reason(config, speculative=True)
     assert "tensor/pipeline parallelism (2/1)" in unsupported_reason(config, tensor_parallel=2)
+    if hasattr(config, "kv_sharing"):  # one KV slot per depth step in vLLM: a shared-slot layout is refused
+        config.kv_sharing = "last"
+        assert "kv_sharing='last' is not supported in vLLM" in unsupported_reason(config)
 
 
 def test_untested_versions_names_what_is_outside_the_tested_range(monkeypatch):
