@@ -13,6 +13,9 @@ single AdamW group, 5e-7 at the fifth step: the order of the gradient sums).
 Checkpoints (`save_sharded_checkpoint`, `load_sharded_checkpoint`, `save_gathered_checkpoint`): the same run saves a
 DCP folder after step 3, which a fresh pair of processes resumes, and a gathered `save_pretrained` folder at the end,
 compared with the sharded model's logits (1e-5, fp32).
+
+Policies (`test_checkpointing_deep_supervision_mixed_precision_and_offload`, one launch): activation checkpointing,
+bf16 mixed precision and CPU offload on the same model with deep supervision, against a one-process fp32 run.
 """
 
 from __future__ import annotations
@@ -113,12 +116,17 @@ def _worker(rank: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _reference_losses() -> tuple[list[float], float]:
-    """Per-step losses of one process without FSDP, two micro-batches per step; and the first forward's aux loss."""
-    model = _model()
+def _reference_losses(steps: int = STEPS, **overrides) -> tuple[list[float], float]:
+    """Per-step losses of one process without FSDP, two micro-batches per step; and the first forward's aux loss.
+
+    Args:
+        steps: How many of `_global_batches()` to train on.
+        **overrides: Config fields on top of `CONFIG` (as for `_model`).
+    """
+    model = _model(**overrides)
     optimizer = _optimizer(model)
     losses, first_aux = [], None
-    for batch in _global_batches():
+    for batch in _global_batches()[:steps]:
         outputs = [model(input_ids=half, labels=half) for half in batch.chunk(WORLD_SIZE)]
         first_aux = first_aux if first_aux is not None else outputs[0].aux_loss.item()
         loss = sum(output.loss for output in outputs) / WORLD_SIZE
@@ -278,6 +286,138 @@ def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(sharded_run):
     assert not torch.allclose(_model().eval()(input_ids=_probe_ids()).logits, sharded_logits,
                               atol=1e-3)  # training changed the model: the comparison can fail
     assert_fp32_close(torch.load(root / "remote.pt"), sharded_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing, deep supervision, mixed precision and CPU offload under apply_fsdp2
+# ----------------------------------------------------------------------------------------------------------------------
+# Deep supervision (a weighted loss at every loop's exit, through the coda and the tied LM head) on top of CONFIG's
+# router losses: the model of every configuration of `_policies_worker`, and of its one-process fp32 reference.
+DEEP_SUPERVISION = dict(loop_loss_weights=[0.5, 1.0])
+POLICY_STEPS = 3
+# bf16 keeps 8 significant bits: one rounding step (ulp) of a value in [4, 8), where these losses are, is 2^-5 =
+# 0.031. The loss itself is computed in fp32 from bf16 logits and is a mean over 32 tokens, so bf16 moves it much
+# less than one ulp (measured up to 8e-4 over the 3 steps). 1e-2, a third of an ulp, allows for that and still fails
+# if the steps went wrong: a missed update leaves step 3 (batch 0 again) 0.1 above the reference.
+BF16_TOLERANCE = 1e-2
+
+
+def _policy_runs(out_dir: str) -> dict[str, dict]:
+    """The configurations `_policies_worker` trains: `_policy_run` keyword arguments (checkpointing, `apply_fsdp2`
+    policies). CPU offload takes its policies from the train command's `fsdp_policies` for `--fsdp "full_shard
+    offload"`, as `looped-moe-train --fsdp` would."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    from modeling_looped_moe.training.fsdp_train import fsdp_policies
+    from modeling_looped_moe.training.trainer import LoopedMoeTrainingArguments
+
+    offload = LoopedMoeTrainingArguments(output_dir=str(Path(out_dir, "run")), use_cpu=True, report_to=[],
+                                         fsdp="full_shard offload")
+    return {
+        "checkpointing": dict(reentrant=False),
+        "reentrant_checkpointing": dict(reentrant=True),
+        "bf16": dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
+        "cpu_offload": fsdp_policies(offload),
+        "cpu_offload_pinned": dict(offload_policy=CPUOffloadPolicy()),  # pin_memory=True: needs an accelerator
+    }
+
+
+def _policy_run(rank: int, reentrant: bool | None = None, **policies) -> dict:
+    """Shard a fresh deep-supervision model with `policies`, train POLICY_STEPS steps; report what the test checks.
+
+    Args:
+        rank: This process's rank.
+        reentrant: `None` for no activation checkpointing, else checkpointing with this `use_reentrant`.
+        **policies: `apply_fsdp2` keyword arguments (`mp_policy`, `offload_policy`, `reshard_after_forward`).
+
+    Returns:
+        `losses` (mean over ranks per step), `attention_calls` (forwards of a loop-block layer's attention per step:
+        doubled when the backward recomputes the layer), `logits_dtype` of a probe forward, `not_fp32_dtensor`
+        (parameters that are not fp32 DTensors after training) and `offload` (the offload policy's repr); or only
+        `error` if `apply_fsdp2` or training raised.
+    """
+    from torch.distributed.tensor import DTensor
+
+    model = _model(**DEEP_SUPERVISION)
+    if reentrant is not None:
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    calls = []
+    model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        model = apply_fsdp2(model, **policies)
+        losses = _train_steps(model, _optimizer(model), rank, range(POLICY_STEPS))
+    except Exception as error:  # noqa: BLE001 - reported to the test, which asserts on the exact message
+        return {"error": f"{type(error).__name__}: {error}"}
+    attention_calls = len(calls) / POLICY_STEPS
+    with torch.no_grad():
+        logits_dtype = str(model(input_ids=_probe_ids()).logits.dtype)
+    return {"losses": losses, "attention_calls": attention_calls, "logits_dtype": logits_dtype,
+            "offload": repr(policies.get("offload_policy")),
+            "not_fp32_dtensor": [name for name, param in model.named_parameters()
+                                 if not isinstance(param, DTensor) or param.dtype != torch.float32]}
+
+
+def _policies_worker(rank: int, out_dir: str) -> None:
+    """Every configuration of `_policy_runs`, one after the other in the same two processes (one launch)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=120))
+    try:
+        reports = {name: _policy_run(rank, **options) for name, options in _policy_runs(out_dir).items()}
+        Path(out_dir, f"policies{rank}.json").write_text(json.dumps(reports))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpointing_deep_supervision_mixed_precision_and_offload(tmp_path):
+    """One launch of `_policies_worker` on two processes: the deep-supervision model (router losses on), 3 steps of
+    `_train_steps` per configuration, against one fp32 process without FSDP (`_reference_losses`):
+
+    - non-reentrant activation checkpointing: losses within 1e-5 of the reference, and a loop-block layer's
+      attention runs twice per loop and step (recomputed in the backward);
+    - `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: logits in bf16, the sharded parameters still fp32
+      DTensors after the steps, losses within BF16_TOLERANCE of the reference but not equal to it;
+    - CPU offload as `--fsdp "full_shard offload"` gives it on CPU (`CPUOffloadPolicy(pin_memory=False)`): losses
+      within 1e-5 of the reference;
+    - refused by `apply_fsdp2` with a `ValueError` instead of torch's traceback: reentrant checkpointing with
+      IterAdaLN, and `CPUOffloadPolicy()` (pinned memory) without an accelerator.
+    """
+    reference, first_aux = run_gloo_workers(tmp_path, "test_fsdp", "_policies_worker", WORLD_SIZE,
+                                            lambda: _reference_losses(POLICY_STEPS, **DEEP_SUPERVISION))
+    reports = [json.loads((tmp_path / f"policies{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert reports[0] == reports[1]  # the same mean losses, dtypes and errors on both ranks
+    runs = reports[0]
+    assert first_aux > 0  # the router losses are part of the losses compared
+    plain, _ = _reference_losses(1)
+    assert reference[0] > plain[0] + 1  # and so is deep supervision: half the first loop's exit loss (~2.3)
+    assert reference[2] < reference[0] - 0.05  # batch 0 seen again: the model learnt, the steps matter
+
+    def assert_fp32_run(name: str, attention_calls: float) -> None:
+        run = runs[name]
+        assert "error" not in run, run
+        assert run["attention_calls"] == attention_calls and run["logits_dtype"] == "torch.float32", run
+        assert run["not_fp32_dtensor"] == []
+        for step, (sharded, single) in enumerate(zip(run["losses"], reference, strict=True)):
+            assert abs(sharded - single) <= 1e-5, (name, step, run["losses"], reference)
+
+    assert_fp32_run("checkpointing", attention_calls=2 * 2)  # 2 loops, each recomputed once
+    assert_fp32_run("cpu_offload", attention_calls=2)
+    assert runs["cpu_offload"]["offload"] == "CPUOffloadPolicy(pin_memory=False)"
+
+    bf16 = runs["bf16"]
+    assert bf16["logits_dtype"] == "torch.bfloat16" and bf16["not_fp32_dtensor"] == []
+    differences = [abs(low - single) for low, single in zip(bf16["losses"], reference, strict=True)]
+    assert max(differences) <= BF16_TOLERANCE, (bf16["losses"], reference)
+    assert max(differences) > 1e-5, (bf16["losses"], reference)  # bf16 compute, not fp32 (equal to the last bit)
+
+    assert runs["reentrant_checkpointing"] == {"error": (
+        "ValueError: apply_fsdp2: reentrant activation checkpointing does not work with IterAdaLN under FSDP2 (the "
+        "loop vector reaches the checkpointed layers by keyword; the first backward fails). Enable the non-reentrant "
+        "variant: model.activation_checkpointing_enable({'use_reentrant': False})")}
+    assert runs["cpu_offload_pinned"] == {"error": (
+        "ValueError: apply_fsdp2: CPUOffloadPolicy(pin_memory=True) pins host memory for an accelerator and there is "
+        "none; on CPU pass CPUOffloadPolicy(pin_memory=False)")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

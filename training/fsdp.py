@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
 
@@ -34,6 +34,35 @@ def _default_mesh() -> DeviceMesh:
     if dist.get_backend() != "gloo" and torch.accelerator.is_available():
         device_type = torch.accelerator.current_accelerator().type
     return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def _refuse_what_torch_breaks_on(model: LoopedMoeForCausalLM, offload_policy: OffloadPolicy | None) -> None:
+    """Refuse, with a message, two combinations that torch would only break on later with a traceback.
+
+    - `CPUOffloadPolicy(pin_memory=True)` (its default) without an accelerator: `fully_shard` pins the host shards
+      and torch raises "Cannot access accelerator device when none is available."
+    - Reentrant activation checkpointing with IterAdaLN: the decoder layers take the loop vector (which needs a
+      gradient) by keyword, which transformers' checkpointed layer binds into the recomputed function instead of
+      passing it through the checkpoint; under FSDP2 the first backward raises "Trying to backward through the graph
+      a second time". Non-reentrant checkpointing (transformers' default) works.
+
+    Raises:
+        ValueError: Either combination.
+    """
+    pinned = isinstance(offload_policy, CPUOffloadPolicy) and offload_policy.pin_memory
+    if pinned and not torch.accelerator.is_available():
+        raise ValueError("apply_fsdp2: CPUOffloadPolicy(pin_memory=True) pins host memory for an accelerator and "
+                         "there is none; on CPU pass CPUOffloadPolicy(pin_memory=False)")
+    if model.config.loop_conditioning != "iter_adaln":
+        return
+    for layer in model.model.layers:
+        checkpoint_func = getattr(layer, "_gradient_checkpointing_func", None)
+        if layer.gradient_checkpointing and getattr(checkpoint_func, "keywords", {}).get("use_reentrant", True):
+            raise ValueError(
+                "apply_fsdp2: reentrant activation checkpointing does not work with IterAdaLN under FSDP2 (the loop "
+                "vector reaches the checkpointed layers by keyword; the first backward fails). Enable the "
+                "non-reentrant variant: model.activation_checkpointing_enable({'use_reentrant': False})"
+            )
 
 
 def apply_fsdp2(
@@ -65,12 +94,16 @@ def apply_fsdp2(
     name (the tied-bank learning rates of `optimizer_param_groups`) work as before. Build the optimizer after this
     call.
 
+    Activation checkpointing (`model.activation_checkpointing_enable()`, non-reentrant) works with the sharded
+    model; enable it before this call, so that an unsupported variant is refused here.
+
     Args:
         model: The model to shard (modified in place and returned).
         mesh: A 1D device mesh; defaults to all processes of the default process group, on the accelerator unless
             the group is gloo-only (then on CPU).
         mp_policy: Passed to every `fully_shard` call (default: no mixed precision).
-        offload_policy: Passed to every `fully_shard` call, e.g. `CPUOffloadPolicy()` (default: no offload).
+        offload_policy: Passed to every `fully_shard` call, e.g. `CPUOffloadPolicy()` (default: no offload;
+            on CPU only `CPUOffloadPolicy(pin_memory=False)`).
         reshard_after_forward: Passed to every `fully_shard` call.
 
     Returns:
@@ -78,7 +111,8 @@ def apply_fsdp2(
 
     Raises:
         ValueError: `model` is not a `LoopedMoeForCausalLM`, is already sharded, or `torch.distributed` is not
-            initialised.
+            initialised; `CPUOffloadPolicy(pin_memory=True)` without an accelerator; reentrant activation
+            checkpointing with IterAdaLN.
     """
     if not isinstance(model, LoopedMoeForCausalLM):
         raise ValueError(f"apply_fsdp2 shards a LoopedMoeForCausalLM, got {type(model).__name__}")
@@ -87,6 +121,7 @@ def apply_fsdp2(
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("apply_fsdp2 needs torch.distributed initialised: call "
                          "torch.distributed.init_process_group first (e.g. under torchrun)")
+    _refuse_what_torch_breaks_on(model, offload_policy)
     options = dict(
         mesh=mesh if mesh is not None else _default_mesh(),
         mp_policy=mp_policy if mp_policy is not None else MixedPrecisionPolicy(),

@@ -64,14 +64,19 @@ def _device_and_backend(training_args: TrainingArguments) -> tuple[torch.device,
 
 
 def fsdp_policies(training_args: TrainingArguments) -> dict[str, Any]:
-    """`apply_fsdp2` keyword arguments from the training arguments (mixed precision, CPU offload, resharding)."""
+    """`apply_fsdp2` keyword arguments from the training arguments (mixed precision, CPU offload, resharding).
+
+    CPU offload pins the host shards only when training on an accelerator.
+    """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
     plugin = training_args.fsdp_plugin_args or {}
     low = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+    # Pinned host memory needs an accelerator: torch cannot pin without one (the CPU/gloo runs).
+    on_accelerator = _device_and_backend(training_args)[0].type != "cpu"
     return dict(
         mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None),
-        offload_policy=CPUOffloadPolicy() if plugin.get("cpu_offload") else OffloadPolicy(),
+        offload_policy=CPUOffloadPolicy(pin_memory=on_accelerator) if plugin.get("cpu_offload") else OffloadPolicy(),
         reshard_after_forward=bool(plugin.get("reshard_after_forward", True)),
     )
 
@@ -219,7 +224,7 @@ def run_fsdp_training(data_args, training_args: TrainingArguments) -> dict[str, 
     torch.manual_seed(training_args.seed)  # the same initial model on every process
     model = build_model(data_args, tokenizer).to(device).train()
     if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     total_parameters = sum(param.numel() for param in model.parameters())
     model = apply_fsdp2(model, **fsdp_policies(training_args))
     local = sum(param.to_local().numel() for param in model.parameters())
