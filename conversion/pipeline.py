@@ -316,7 +316,7 @@ def _write_looped_metadata(folder: Path, plan: _Plan) -> None:
     `trust_remote_code=True`."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM
+    from modeling_looped_moe.modeling_looped_moe import LoopedMoeForCausalLM, add_base_model_auto_map
 
     config = copy.deepcopy(plan.config)
     config.architectures = ["LoopedMoeForCausalLM"]
@@ -325,7 +325,8 @@ def _write_looped_metadata(folder: Path, plan: _Plan) -> None:
     with torch.device("meta"):  # for the remote-code files only: no weights are allocated
         model = LoopedMoeForCausalLM(config)
     if getattr(model, "_auto_class", None) is not None:
-        custom_object_save(model, folder, config=config)  # also fills config.auto_map
+        add_base_model_auto_map(config)
+        custom_object_save(model, folder, config=config)  # also fills the model's and the config's auto_map entries
     config.save_pretrained(folder)
 
 

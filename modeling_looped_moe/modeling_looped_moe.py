@@ -755,6 +755,12 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             return batched_assisted_decoding(self, input_ids, *args, **kwargs)
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the base model in `auto_map` too (see [`add_base_model_auto_map`])."""
+        if self._auto_class is not None:
+            add_base_model_auto_map(self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def generate_self_speculative(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> SelfSpeculativeOutput:
@@ -763,10 +769,18 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         return self_speculative_generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
+def add_base_model_auto_map(config: LoopedMoeConfig) -> None:
+    """Map `AutoModel` to [`LoopedMoeModel`] in `config.auto_map`: transformers writes only the saved class's own auto
+    class there, and `AutoModel.from_pretrained(folder, trust_remote_code=True)` (vLLM's transformers backend, feature
+    extraction) needs its own entry."""
+    module = LoopedMoeModel.__module__.split(".")[-1]  # the file name, in the package and in a checkpoint alike
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"{module}.LoopedMoeModel"}
+
+
 # transformers treats a model registered for an auto class as remote code and, at every generation step, computes
 # `inspect.signature(model.forward)` to look for `cache_position` (about 270 Python calls per decode step, as many as a
 # decoder layer makes). `inspect.signature` returns a function's `__signature__` when it has one: the same signature,
 # computed once.
 LoopedMoeForCausalLM.forward.__signature__ = inspect.signature(LoopedMoeForCausalLM.forward)
 
-__all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel"]
+__all__ = ["LoopedMoeForCausalLM", "LoopedMoeModel", "LoopedMoePreTrainedModel", "add_base_model_auto_map"]

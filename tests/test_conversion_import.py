@@ -172,6 +172,9 @@ def test_converted_folder_loads_with_remote_code(tmp_path: Path):
         f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True).eval()\n"
         "assert 'modeling_looped_moe' not in sys.modules, 'the package was imported'\n"
         "assert type(model).__module__.startswith('transformers_modules.'), type(model).__module__\n"
+        "from transformers import AutoModel\n"
+        f"base = AutoModel.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True)\n"
+        "assert type(base).__name__ == 'LoopedMoeModel', type(base)\n"
         "with torch.no_grad():\n"
         f"    torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})\n"
     )

@@ -29,7 +29,7 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 folder, out_path = sys.argv[1:3]
 NEW_TOKENS = int(sys.argv[3])
@@ -37,6 +37,8 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eva
 assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
 assert "modeling_looped_moe" not in sys.modules
 config = model.config
+base = AutoModel.from_pretrained(folder, trust_remote_code=True)  # `auto_map` names the base model too
+assert type(base).__name__ == "LoopedMoeModel" and type(base).__module__.startswith("transformers_modules.")
 
 ids = torch.randint(3, config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
 mask = torch.ones_like(ids)

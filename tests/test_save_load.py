@@ -155,6 +155,7 @@ def test_trust_remote_code_without_the_package(tmp_path):
     model = _save(folder, **CONFIGS["tied"])
     config_json = json.loads((folder / "config.json").read_text())
     assert config_json["auto_map"]["AutoModelForCausalLM"] == "modeling_looped_moe.LoopedMoeForCausalLM"
+    assert config_json["auto_map"]["AutoModel"] == "modeling_looped_moe.LoopedMoeModel"
     tokens_path, out_path = tmp_path / "tokens.json", tmp_path / "logits.json"
     tokens_path.write_text(json.dumps(TOKENS.tolist()))
 
