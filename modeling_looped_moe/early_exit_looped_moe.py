@@ -304,8 +304,12 @@ def adaptive_decode_step(
                            cache, staging)
         last = loop_idx == num_loops - 1
         if settings.criterion == "gate":  # decide on the loop output; only exiting rows pay for coda and head
-            fires = torch.ones(len(active), dtype=torch.bool, device=states.device) if last else (
-                model.exit_gate.decide(states[:, -1], loop_idx, settings.threshold))
+            if last:
+                fires = torch.ones(active.shape[0], dtype=torch.bool, device=states.device)
+            else:
+                fires = model.exit_gate.decide(states[:, -1], loop_idx, settings.threshold)
+                if not bool(fires.any()):
+                    continue  # no row leaves: nothing to score, stage or gather
             exited, coda_rows = active[fires], slice(None)
             if len(exited) > 0:
                 exit_logits, coda_staging = _score_boundary(
@@ -318,6 +322,9 @@ def adaptive_decode_step(
             fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
             if last:
                 fires = torch.ones_like(fires)
+            elif not bool(fires.any()):
+                previous_logits = logits
+                continue  # no row leaves: nothing to stage or gather
             exited, exit_logits, coda_rows = active[fires], logits[fires], fires
             previous_logits = logits[~fires]
         if len(exited) > 0:
@@ -334,8 +341,10 @@ def adaptive_decode_step(
             if loop_idx < config.num_loops - 1 and kv_policy is not None:
                 _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
                                      kv_policy, embeddings_of(exited))
+            if last:
+                break
             active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
-        if len(active) == 0:
+        if active.shape[0] == 0:
             break
     staging.commit(cache)
     return final_logits[:, None, :], exit_loops
