@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"saved model and tokenizer to {result.output_dir}"
               + (f"; held-out loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f})"
                  if "eval_loss" in metrics else ""))
+    result.trainer.accelerator.end_training()  # destroys the process group: gloo's threads can abort an exiting process
     return 0
 
 
