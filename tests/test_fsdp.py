@@ -165,7 +165,7 @@ def test_two_gloo_processes_shard_and_match_one_process(sharded_run):
     assert sum(report["local_numel"] for report in reports) == total
 
     assert first_aux > 0  # the router losses are part of the loss compared
-    assert reports[0]["losses"] == reports[1]["losses"]
+    torch.testing.assert_close(reports[0]["losses"], reports[1]["losses"], atol=1e-5, rtol=0)  # all-reduced
     assert len(reference) == STEPS
     assert reference[2] < reference[0] - 0.05 and reference[3] < reference[1] - 0.05  # each batch seen again: learnt
     for step, (sharded, single) in enumerate(zip(reports[0]["losses"], reference)):
@@ -268,7 +268,8 @@ def test_sharded_checkpoint_resumes_and_gathered_checkpoint_loads(sharded_run):
     assert [report["saved"] for report in trained] == [True, False]  # rank 0 writes the folder
     assert resumed[0]["state"] == {"step": SAVE_AFTER}
     expected = trained[0]["losses"][SAVE_AFTER:]
-    assert len(expected) == STEPS - SAVE_AFTER and resumed[0]["losses"] == resumed[1]["losses"]
+    assert len(expected) == STEPS - SAVE_AFTER
+    torch.testing.assert_close(resumed[0]["losses"], resumed[1]["losses"], atol=1e-5, rtol=0)
     for step, (again, first) in enumerate(zip(resumed[0]["losses"], expected), start=SAVE_AFTER):
         assert abs(again - first) <= 1e-5, (step, resumed[0]["losses"], expected)
 
