@@ -39,13 +39,16 @@ OPTIONS = ("none", "last", "first")
 PARTS = ("memory", "rss", "speed", "quality")
 
 
-def bytes_per_token(load: str, num_loops: int, kv_sharing: str, length: int = 64) -> float:
-    """Cache bytes per token after a forward of `length` tokens (batch 1)."""
+def bytes_per_token(load: str, num_loops: int, length: int = 64) -> dict[str, float]:
+    """Cache bytes per token of each option after a forward of `length` tokens (batch 1)."""
     model = LoopedMoeForCausalLM.from_pretrained(load, num_loops=num_loops, loop_loss_weights=None).eval()
     input_ids = torch.randint(3, model.config.vocab_size, (1, length))
+    sizes = {}
     with torch.no_grad():
-        out = model(input_ids, use_cache=True, kv_sharing=kv_sharing)
-    return cache_bytes(output_cache(out)) / length
+        for option in OPTIONS:
+            out = model(input_ids, use_cache=True, kv_sharing=option)
+            sizes[option] = cache_bytes(output_cache(out)) / length
+    return sizes
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -129,9 +132,9 @@ def memory_table(load: str) -> None:
     print("\n1. cache bytes per token (batch 1) against num_loops")
     print("\n| kv_sharing | " + " | ".join(f"num_loops={n}" for n in range(1, 5)) + " |")
     print("| --- |" + " ---: |" * 4)
+    sizes = [bytes_per_token(load, n) for n in range(1, 5)]  # one model per loop count
     for option in OPTIONS:
-        sizes = [bytes_per_token(load, n, option) for n in range(1, 5)]
-        print(f"| {option} | " + " | ".join(f"{size:,.0f}" for size in sizes) + " |")
+        print(f"| {option} | " + " | ".join(f"{size[option]:,.0f}" for size in sizes) + " |")
 
 
 def rss_table(args: argparse.Namespace) -> None:
