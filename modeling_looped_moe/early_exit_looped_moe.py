@@ -18,13 +18,13 @@ Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from transformers.cache_utils import Cache
+from transformers.utils.output_capturing import _active_collector
 
 from .kv_sharing_looped_moe import LoopSharedCache, attend_without_writing
 
@@ -86,32 +86,43 @@ class ExitTrace:
     """The exits of one `generate` call, step by step: passed to `forward` as `exit_trace`, never kept on the model."""
 
     def __init__(self):
-        self.steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.steps: list[tuple[torch.Tensor, bool | None]] = []
 
-    def record(self, exit_loops: torch.Tensor, steps_used: torch.Tensor | None) -> None:
-        """One forward's exit loops `[batch, 1]` and, for a decode step, the depth steps each row computed."""
-        self.steps.append((exit_loops.detach().cpu(), None if steps_used is None else steps_used.detach().cpu()))
+    def record(self, exit_loops: torch.Tensor, decode_scoring: bool | None) -> None:
+        """One forward's exit loops `[batch, 1]`, kept as they are until the summary (integer tensors carry no
+        graph, and nothing leaves the device per step).
 
-    def summary(self, num_depth_steps: int) -> dict | None:
+        Args:
+            exit_loops: The loop (from 1) each row's new token exited at.
+            decode_scoring: `None` unless the forward was a decode step; then whether its criterion scored every
+                boundary a row reached (`scores_every_boundary` of [`depth_steps_used`]).
+        """
+        self.steps.append((exit_loops, decode_scoring))
+
+    def summary(self, config) -> dict | None:
         """`exit_loops [batch, new_tokens]`, `compute_saved` and `decode_steps`; `None` when nothing exited."""
         if not self.steps:
             return None
-        decode = [steps for _, steps in self.steps if steps is not None]
-        computed = float(sum(steps.sum() for steps in decode)) if decode else 0.0
-        full = float(sum(steps.numel() for steps in decode)) * num_depth_steps
+        decode: dict[bool, list[torch.Tensor]] = {}
+        for exit_loops, decode_scoring in self.steps:
+            if decode_scoring is not None:
+                decode.setdefault(decode_scoring, []).append(exit_loops)
+        computed = sum(float(depth_steps_used(config, torch.cat(loops, dim=1), scoring).sum())
+                       for scoring, loops in decode.items())
+        full = sum(loops.numel() for group in decode.values() for loops in group) * config.num_hidden_layers
         return {
-            "exit_loops": torch.cat([loops for loops, _ in self.steps], dim=1),
+            "exit_loops": torch.cat([exit_loops for exit_loops, _ in self.steps], dim=1).cpu(),
             "compute_saved": 1.0 - computed / full if full else 0.0,
-            "decode_steps": len(decode),
+            "decode_steps": sum(len(group) for group in decode.values()),
         }
 
 
-def generate_with_exit_trace(generate_fn, num_depth_steps: int, *args, **kwargs):
-    """Run `generate_fn` with a fresh [`ExitTrace`]; a dict output receives its summary."""
+def generate_with_exit_trace(generate_fn, config, *args, **kwargs):
+    """Run `generate_fn` with a fresh [`ExitTrace`]; a dict output receives its summary (`config`: the model's)."""
     # An assistant's generate (assisted decoding copies the model kwargs) records into a trace of its own.
     trace = kwargs["exit_trace"] = ExitTrace()
     output = generate_fn(*args, **kwargs)
-    summary = trace.summary(num_depth_steps)
+    summary = trace.summary(config)
     if summary is not None and hasattr(output, "sequences"):
         for key, value in summary.items():
             output[key] = value
@@ -133,11 +144,11 @@ def exit_decision(
     Returns:
         A boolean tensor `[rows]`.
     """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    if criterion == "entropy":
-        return -(log_probs.exp() * log_probs).sum(-1) <= threshold
+    if criterion == "entropy":  # sum of -p log p, as few dispatched operations as it takes (one per boundary)
+        return torch.special.entr(F.softmax(logits.float(), dim=-1)).sum(-1) <= threshold
     if criterion == "confidence":
-        return log_probs.max(dim=-1).values.exp() >= threshold
+        return F.softmax(logits.float(), dim=-1).amax(dim=-1) >= threshold
+    log_probs = F.log_softmax(logits.float(), dim=-1)
     if criterion == "kl":
         if previous_logits is None:
             return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -174,16 +185,17 @@ class StagedCacheView:
         return self.cache.get_seq_length(depth_step)
 
 
-@contextmanager
-def no_output_capture():
-    """Suspend transformers' output recorders (hidden states, router logits) for auxiliary computations."""
-    from transformers.utils.output_capturing import _active_collector
+class no_output_capture:  # noqa: N801 (used as a function: `with no_output_capture():`)
+    """Suspend transformers' output recorders (hidden states, router logits) for auxiliary computations.
 
-    token = _active_collector.set(None)
-    try:
-        yield
-    finally:
-        _active_collector.reset(token)
+    A class rather than a `contextmanager` generator: it is entered at every adaptive decode step.
+    """
+
+    def __enter__(self):
+        self._token = _active_collector.set(None)
+
+    def __exit__(self, *exc_info):
+        _active_collector.reset(self._token)
 
 
 def _rows_of(tensor: torch.Tensor | BlockMask | None, rows: torch.Tensor, batch_size: int):
@@ -224,6 +236,9 @@ class _Staging:
 
     def put(self, depth_step: int, rows: torch.Tensor, batch_size: int, key_states, value_states) -> None:
         if depth_step not in self.keys:
+            if key_states.shape[0] == batch_size:  # every row at once (`rows` is increasing): keep them as they are
+                self.keys[depth_step], self.values[depth_step] = key_states, value_states
+                return
             self.keys[depth_step] = key_states.new_zeros((batch_size, *key_states.shape[1:]))
             self.values[depth_step] = value_states.new_zeros((batch_size, *value_states.shape[1:]))
         self.keys[depth_step][rows] = key_states
@@ -265,6 +280,9 @@ def adaptive_decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step with per-row exits at loop boundaries, compacting the rows that are still looping.
 
+    Until the first row exits, the step is the full-depth step plus each boundary's decision: the loops write the
+    cache directly and, when no row exits before the last loop, the coda and head run once, as at full depth.
+
     Args:
         model: The [`LoopedMoeModel`].
         hidden_states: `[batch, 1, hidden]` input embeddings.
@@ -276,15 +294,14 @@ def adaptive_decode_step(
     Returns:
         `(logits [batch, 1, vocab], exit_loops [batch])`.
     """
-    config = model.config
     batch_size = hidden_states.shape[0]
-    num_loops = settings.max_loop or config.num_loops
+    num_loops = settings.max_loop or len(model.loop_steps)
     cos, sin = position_embeddings
 
     def embeddings_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _rows_of(cos, rows, batch_size), _rows_of(sin, rows, batch_size)
 
-    for depth_step in range(config.loop_end(0)):  # the prelude
+    for depth_step in model.prelude_steps:
         hidden_states = model.run_depth_step(
             hidden_states, depth_step, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache
         )
@@ -292,98 +309,101 @@ def adaptive_decode_step(
 
     staging = _Staging()
     kv_policy = skipped_loop_policy(cache, settings.kv_policy)
+    # Loops that every row runs write the cache directly; `copy` also remembers what they wrote for later exits.
+    whole_batch_cache = _WriteThrough(cache, staging) if kv_policy == "copy" else cache
     exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=hidden_states.device)
     final_logits = None
-    active = torch.arange(batch_size, device=hidden_states.device)
+    active = None  # rows still looping (indices into the batch), `None` while it is every row
     previous_logits = None
+    decide_rows = model.exit_gate.row_decider(settings.threshold) if settings.criterion == "gate" else None
     states = hidden_states
     for loop_idx in range(num_loops):
-        rows_mask = _rows_of(causal_mask, active, batch_size)
-        rows_embeddings = embeddings_of(active)
-        states = _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mask, rows_embeddings,
-                           cache, staging)
+        if active is None:
+            rows_mask, rows_embeddings, view = causal_mask, position_embeddings, whole_batch_cache
+        else:
+            rows_mask, rows_embeddings = _rows_of(causal_mask, active, batch_size), embeddings_of(active)
+            view = StagedCacheView(cache, active, _staging_callback(staging, active, batch_size))
+        for depth_step in model.loop_steps[loop_idx]:
+            states = model.run_depth_step(states, depth_step, loop_input=loop_inputs, attention_mask=rows_mask,
+                                          position_embeddings=rows_embeddings, cache=view)
         last = loop_idx == num_loops - 1
+        if last and active is None and num_loops == len(model.loop_steps):
+            # No row left early: the rest of the step is the full-depth step's (coda writes, norm, head).
+            for depth_step in model.coda_steps():
+                states = model.run_depth_step(states, depth_step, attention_mask=causal_mask,
+                                              position_embeddings=position_embeddings, cache=cache)
+            return settings.lm_head(model.norm(states)), exit_loops
         if settings.criterion == "gate":  # decide on the loop output; only exiting rows pay for coda and head
             if last:
-                fires = torch.ones(active.shape[0], dtype=torch.bool, device=states.device)
+                fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
             else:
-                fires = model.exit_gate.decide(states[:, -1], loop_idx, settings.threshold)
-                if not bool(fires.any()):
+                decisions = decide_rows(states, loop_idx)
+                if not any(decisions):
                     continue  # no row leaves: nothing to score, stage or gather
-            exited, coda_rows = active[fires], slice(None)
-            if len(exited) > 0:
-                exit_logits, coda_staging = _score_boundary(
-                    model, states[fires], exited, batch_size, _rows_of(causal_mask, exited, batch_size),
-                    embeddings_of(exited), cache, settings.lm_head,
-                )
+                fires = torch.tensor(decisions, device=states.device)
+            rows = active if active is not None else torch.arange(batch_size, device=states.device)
+            exited, coda_rows = rows[fires], slice(None)
+            exit_logits, coda_staging = _score_boundary(
+                model, states[fires], exited if len(exited) < batch_size else None,
+                _rows_of(causal_mask, exited, batch_size), embeddings_of(exited), cache, settings.lm_head,
+            )
         else:  # the criterion reads the exit distribution of every active row
-            logits, coda_staging = _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings,
-                                                   cache, settings.lm_head)
-            fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
+            logits, coda_staging = _score_boundary(model, states, active, rows_mask, rows_embeddings, cache,
+                                                   settings.lm_head)
             if last:
-                fires = torch.ones_like(fires)
-            elif not bool(fires.any()):
-                previous_logits = logits
-                continue  # no row leaves: nothing to stage or gather
-            exited, exit_logits, coda_rows = active[fires], logits[fires], fires
-            previous_logits = logits[~fires]
-        if len(exited) > 0:
-            if len(exited) == batch_size:  # the whole batch exits here (the rows in order): no scatter needed
-                final_logits = exit_logits
+                fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
             else:
-                if final_logits is None:
-                    final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
-                final_logits[exited] = exit_logits
-            exit_loops[exited] = loop_idx + 1
-            for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
-                staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
-                            coda_staging.values[depth_step][coda_rows])
-            if loop_idx < config.num_loops - 1 and kv_policy is not None:
-                _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
-                                     kv_policy, embeddings_of(exited))
-            if last:
-                break
-            active, states, loop_inputs = active[~fires], states[~fires], loop_inputs[~fires]
-        if active.shape[0] == 0:
+                fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
+                if not any(fires.tolist()):
+                    previous_logits = logits
+                    continue  # no row leaves: nothing to stage or gather
+            rows = active if active is not None else torch.arange(batch_size, device=states.device)
+            exited, exit_logits, coda_rows = rows[fires], logits[fires], fires
+            previous_logits = logits[~fires]
+        if len(exited) == batch_size:  # the whole batch exits here (the rows in order): no scatter needed
+            final_logits = exit_logits
+        else:
+            if final_logits is None:
+                final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
+            final_logits[exited] = exit_logits
+        exit_loops[exited] = loop_idx + 1
+        for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
+            staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
+                        coda_staging.values[depth_step][coda_rows])
+        if loop_idx < len(model.loop_steps) - 1 and kv_policy is not None:
+            _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
+                                 kv_policy, embeddings_of(exited))
+        if last or len(exited) == len(rows):
             break
+        stays = ~fires
+        active, states, loop_inputs = rows[stays], states[stays], loop_inputs[stays]
     staging.commit(cache)
     return final_logits[:, None, :], exit_loops
 
 
-def _run_loop(model, states, loop_inputs, loop_idx, active, batch_size, rows_mask, rows_embeddings, cache,
-              staging: _Staging) -> torch.Tensor:
-    """Loop `loop_idx` for the `active` rows, attending through the cache and staging their keys/values."""
-    config = model.config
-
+def _staging_callback(staging: _Staging, rows: torch.Tensor, batch_size: int):
+    """`on_update` for a [`StagedCacheView`] of `rows`: stage the keys/values they write."""
     def stage(depth_step, key_states, value_states):
-        staging.put(depth_step, active, batch_size, key_states, value_states)
-
-    # A loop all rows still run gets direct writes; after the first exit the slots also take skipped rows' values.
-    view = _WriteThrough(cache, staging) if len(active) == batch_size else StagedCacheView(cache, active, stage)
-    for offset in range(config.num_loop_layers):
-        states = model.run_depth_step(
-            states, config.loop_depth_step(loop_idx, offset), loop_input=loop_inputs,
-            attention_mask=rows_mask, position_embeddings=rows_embeddings, cache=view,
-        )
-    return states
+        staging.put(depth_step, rows, batch_size, key_states, value_states)
+    return stage
 
 
-def _score_boundary(model, states, active, batch_size, rows_mask, rows_embeddings, cache, lm_head):
-    """The exit logits `[rows, vocab]` of the `active` rows at a loop boundary (coda, final norm, head), with the
-    coda's keys/values staged per row in a `_Staging` of their own (kept only for the rows that exit here)."""
+def _score_boundary(model, states, rows, rows_mask, rows_embeddings, cache, lm_head):
+    """The exit logits `[rows, vocab]` of `rows` (batch indices; `None` for the whole batch) at a loop boundary
+    (coda, final norm, head), with the coda's keys/values staged per row in a `_Staging` of their own (kept only for
+    the rows that exit here).
+
+    Runs inside the decode step's `no_output_capture`, so the coda's router logits are not recorded."""
     coda_staging = _Staging()
 
     def stage_coda(depth_step, key_states, value_states):
-        coda_staging.put(depth_step, torch.arange(len(active), device=active.device), len(active), key_states,
-                         value_states)
+        coda_staging.keys[depth_step], coda_staging.values[depth_step] = key_states, value_states
 
-    coda_view = StagedCacheView(cache, active if len(active) < batch_size else None, stage_coda)
-    with no_output_capture():
-        for depth_step in model.coda_steps():
-            states = model.run_depth_step(states, depth_step, attention_mask=rows_mask,
-                                          position_embeddings=rows_embeddings, cache=coda_view)
-        logits = lm_head(model.norm(states))[:, -1]
-    return logits, coda_staging
+    coda_view = StagedCacheView(cache, rows, stage_coda)
+    for depth_step in model.coda_steps():
+        states = model.run_depth_step(states, depth_step, attention_mask=rows_mask,
+                                      position_embeddings=rows_embeddings, cache=coda_view)
+    return lm_head(model.norm(states))[:, -1], coda_staging
 
 
 class _KeyValueOverride:

@@ -9,7 +9,7 @@ moves the language model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,33 @@ class LoopedMoeExitGate(nn.Module):
     def decide(self, hidden_states: torch.Tensor, loop_idx: int, threshold: float) -> torch.Tensor:
         """Boolean `[...]`: the exit probability is >= `threshold`, compared as logits (no sigmoid per boundary;
         a threshold <= 0 always fires, one >= 1 never does for a finite logit)."""
-        if 0.0 < threshold < 1.0:
-            bound = math.log(threshold / (1.0 - threshold))
-        else:
-            bound = -math.inf if threshold <= 0.0 else math.inf
-        return self(hidden_states, loop_idx) >= bound
+        return self(hidden_states, loop_idx) >= exit_logit_bound(threshold)
+
+    def row_decider(self, threshold: float) -> Callable[[torch.Tensor, int], list[bool]]:
+        """[`decide`] for the `[rows, 1, hidden]` states of decode steps, as one Python bool per row.
+
+        Returns `decide_rows(hidden_states, loop_idx)`: the same probe with two tensor reductions per boundary
+        (`h . w_k` and `|h|`); the normalisation, bias and comparison act on one number per row, on the host, so a
+        boundary where no row exits costs little more than those two reductions.
+        """
+        weight, bias, bound = self.weight, self.bias.tolist(), exit_logit_bound(threshold)
+        size, eps = weight.shape[-1], self.eps
+
+        def decide_rows(hidden_states: torch.Tensor, loop_idx: int) -> list[bool]:
+            states = hidden_states.view(hidden_states.shape[0], size).float()
+            dots = torch.mv(states, weight[loop_idx].float()).tolist()
+            norms = torch.linalg.vector_norm(states, dim=-1).tolist()
+            return [dot / math.sqrt(norm * norm / size + eps) + bias[loop_idx] >= bound
+                    for dot, norm in zip(dots, norms)]
+
+        return decide_rows
+
+
+def exit_logit_bound(threshold: float) -> float:
+    """The exit logit at which the gate's probability reaches `threshold` (`-inf` at or below 0, `inf` at or above 1)."""
+    if 0.0 < threshold < 1.0:
+        return math.log(threshold / (1.0 - threshold))
+    return -math.inf if threshold <= 0.0 else math.inf
 
 
 def loop_exit_token_losses(loop_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

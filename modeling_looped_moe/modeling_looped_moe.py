@@ -34,7 +34,6 @@ from .early_exit_looped_moe import (
     StagedCacheView,
     adaptive_decode_step,
     adaptive_prefill,
-    depth_steps_used,
     generate_with_exit_trace,
     is_decode_step_of,
     no_output_capture,
@@ -250,6 +249,14 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             depth_step for depth_step, (layer_idx, _) in enumerate(self.schedule)
             if layer_idx == config.num_prelude_layers and config.is_loop_layer(layer_idx)
         )
+        # The schedule's depth steps, from the config's arithmetic once: forwards read them at every step.
+        self.prelude_steps = tuple(range(config.loop_end(0)))
+        self.loop_steps = tuple(
+            tuple(config.loop_depth_step(loop_idx, offset) for offset in range(config.num_loop_layers))
+            for loop_idx in range(config.num_loops)
+        )
+        self._loop_ends = tuple(config.loop_end(loops_run) for loops_run in range(1, config.num_loops + 1))
+        self._coda_steps = tuple(range(config.coda_start, config.num_hidden_layers))
         self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
         self.loop_embeddings = None
         self.iteration_embedding = None
@@ -344,17 +351,17 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
 
     def depth_steps(self, exit_loop: int | None = None) -> list[int]:
         """Depth steps run when leaving the loop block after loop `exit_loop` (every loop when `None`)."""
-        loops_run = self.config.num_loops if exit_loop is None else exit_loop
-        return list(range(self.config.loop_end(loops_run))) + self.coda_steps()
+        loops_run = len(self.loop_steps) if exit_loop is None else exit_loop
+        return list(self.prelude_steps + sum(self.loop_steps[:loops_run], ()) + self._coda_steps)
 
     def coda_steps(self) -> list[int]:
         """Depth steps of the coda (their cache slots do not depend on the exit loop)."""
-        return list(range(self.config.coda_start, self.config.num_hidden_layers))
+        return list(self._coda_steps)
 
     def loop_boundaries(self, exit_loop: int | None = None) -> list[int]:
         """Depth step index (exclusive end) at which each loop that runs finishes."""
-        num_loops = self.config.num_loops if exit_loop is None else exit_loop
-        return [self.config.loop_end(loops_run) for loops_run in range(1, num_loops + 1)]
+        loops_run = len(self.loop_steps) if exit_loop is None else exit_loop
+        return list(self._loop_ends[:loops_run])
 
     def resolve_kv_sharing(self, kv_sharing: str | None) -> str:
         """The cache sharing rule: the argument, else `config.kv_sharing`; validated."""
@@ -492,7 +499,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
         """Every depth step up to loop `exit_loop`, then the coda and final norm (optionally each loop's exit)."""
         boundaries = self.loop_boundaries(exit_loop)
         loop_hidden_states, loop_exit_states, loop_input = [], [], None
-        loop_start = self.config.loop_end(0)
+        loop_start = len(self.prelude_steps)
         for depth_step in self.depth_steps(exit_loop):
             if depth_step == loop_start:
                 loop_input = hidden_states
@@ -615,11 +622,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
                             **kwargs)
         if adaptive is not None and labels is None:
             outputs = self.model(**model_inputs, adaptive_exit=adaptive)
-            last_loops = outputs.exit_loops[:, -1]
             if recording:
-                steps = (depth_steps_used(self.config, last_loops, scores_every_boundary=adaptive.criterion != "gate")
-                         if is_decode_step else None)
-                exit_trace.record(last_loops[:, None], steps)
+                exit_trace.record(outputs.exit_loops[:, -1:], adaptive.criterion != "gate" if is_decode_step else None)
             return LoopedMoeCausalLMOutputWithPast(
                 logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
                 **cache_kwargs(output_cache(outputs)),
@@ -694,9 +698,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         """Record a fixed-depth call's exit (nothing when every loop runs) into `generate`'s exit trace."""
         if exit_loop is None and self.config.exit_loop is None:
             return
-        static_loops = torch.full((batch_size,), self.model.resolve_exit_loop(exit_loop))
-        steps = depth_steps_used(self.config, static_loops, scores_every_boundary=False) if is_decode_step else None
-        exit_trace.record(static_loops[:, None], steps)
+        static_loops = torch.full((batch_size, 1), self.model.resolve_exit_loop(exit_loop))
+        exit_trace.record(static_loops, False if is_decode_step else None)
 
     def get_compiled_call(self, compile_config) -> Callable:
         """transformers' compiled forward for static-cache decoding, with `generate`'s exit trace recorded outside
@@ -728,7 +731,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         transformers' assisted decoding; a batch runs the greedy fast path (`batched_assisted_decoding`), which
         raises `ValueError` for what it cannot serve (sampling, logits processors, streamers, ...).
         """
-        return generate_with_exit_trace(super().generate, self.config.num_hidden_layers, *args, **kwargs)
+        return generate_with_exit_trace(super().generate, self.config, *args, **kwargs)
 
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         # transformers' early-exit drafter sets `config.num_hidden_layers` to the draft depth; ours sets the draft

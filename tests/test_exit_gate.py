@@ -94,6 +94,28 @@ def test_gate_batched_equals_per_row_and_follows_the_probe(policy):
         assert torch.equal(alone.exit_loops[0], batched.exit_loops[row]), row
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 0.8, 1.0])
+def test_row_decider_follows_the_probe(threshold):
+    """The decode step's host-side decisions equal the tensor probe's `decide` for every row (rows whose logit lies
+    within 1e-5 of the bound may round either way and are not compared)."""
+    model = build()
+    set_gate(model, 8.0, 0.3, seed=5)
+    gate = model.model.exit_gate
+    states = torch.randn(64, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    states = states * torch.logspace(-2, 2, 64)[:, None, None]  # norms across four orders of magnitude
+    decide_rows = gate.row_decider(threshold)
+    bound = torch.logit(torch.tensor(threshold, dtype=torch.float64)).item()
+    for loop_idx in range(model.config.num_loops - 1):
+        with torch.no_grad():
+            logits = gate(states, loop_idx)[:, 0]
+            expected = gate.decide(states, loop_idx, threshold)[:, 0].tolist()
+        got = decide_rows(states, loop_idx)
+        compared = [(g, e) for g, e, logit in zip(got, expected, logits.tolist()) if abs(logit - bound) > 1e-5]
+        assert len(compared) >= 60 and all(g == e for g, e in compared)
+        if threshold == 0.5:
+            assert 0 < sum(expected) < len(expected)  # mixed decisions, so the comparison can fail
+
+
 def test_gate_rows_that_stay_skip_the_head():
     """The head runs only for rows that exit: with a gate that never fires, once per row per decode step."""
     model = build()
