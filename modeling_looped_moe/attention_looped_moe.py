@@ -20,8 +20,13 @@ from .kv_sharing_looped_moe import LoopSharedCache
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `[batch, heads, seq, head_dim]` states (cos/sin are `[batch, seq, head_dim]`)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """RoPE on `[batch, heads, seq, head_dim]` states.
+
+    cos/sin are `[batch, seq, head_dim]` as the rotary embedding returns them, or `[batch, 1, seq, head_dim]` as the
+    model's forward passes them (unsqueezed once for all its depth steps, instead of twice per layer).
+    """
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (states * cos) + (rotate_half(states) * sin)
 
 

@@ -454,7 +454,8 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
 
         causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        cos, sin = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = (cos.unsqueeze(1), sin.unsqueeze(1))  # broadcast over heads, once for every layer
         layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, **kwargs)
         cache = self.shared_cache(cache, kv_sharing)
