@@ -13,6 +13,7 @@ QK_NORM_OPTIONS = ("none", "head", "full")
 ROUTER_SCORING_OPTIONS = ("softmax", "sigmoid")
 EXIT_CRITERIA = ("entropy", "confidence", "kl", "gate")
 EXIT_KV_POLICIES = ("propagate", "copy")
+EXIT_BATCHING_OPTIONS = ("compact", "mask")
 KV_SHARING_OPTIONS = ("none", "last", "first")
 LOOP_CONDITIONING_OPTIONS = ("none", "embedding", "iter_adaln")
 LOOP_INPUT_INJECTION_OPTIONS = ("none", "add")
@@ -129,6 +130,12 @@ class LoopedMoeConfig(PreTrainedConfig):
             `"propagate"` projects the exit hidden state through each skipped layer's norm and K/V projections;
             `"copy"` reuses the token's keys/values from the same layer in its last computed loop.
             Not used with `kv_sharing`, where a skipped loop stores nothing.
+        exit_batching (`str`, defaults to `"compact"`): How an adaptive-exit decode step runs a batch whose rows exit
+            at different loops. `"compact"`: exited rows leave the batch, so they cost no further attention or expert
+            work (fewer FLOPs; for models whose loops are compute-bound). `"mask"`: the whole batch runs each loop
+            until its slowest row exits, exited rows held at their exit state (fewer dispatched operations, no row
+            gathers; for small models, where a loop costs about the same on one row as on the batch). Outputs are
+            the same; `compute_saved` counts what each mode computes.
         kv_sharing (`str`, defaults to `"none"`): KV cache slots of the loop block. `"none"` keeps one slot per
             depth step (every loop's keys/values; the cache grows with `num_loops`). `"last"` keeps one slot per
             loop-block layer holding, for each token, the keys/values of the last loop it computed; a forward
@@ -213,6 +220,7 @@ class LoopedMoeConfig(PreTrainedConfig):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         exit_kv_policy: str = "propagate",
+        exit_batching: str = "compact",
         kv_sharing: str = "none",
         exit_gate: bool = False,
         exit_gate_margin: float = 0.1,
@@ -423,6 +431,8 @@ class LoopedMoeConfig(PreTrainedConfig):
                      f"must be a number >= 0, got {value!r}")
         _require(self.exit_kv_policy in EXIT_KV_POLICIES, "exit_kv_policy",
                  f"must be one of {EXIT_KV_POLICIES}, got {self.exit_kv_policy!r}")
+        _require(self.exit_batching in EXIT_BATCHING_OPTIONS, "exit_batching",
+                 f"must be one of {EXIT_BATCHING_OPTIONS}, got {self.exit_batching!r}")
         _require(self.kv_sharing in KV_SHARING_OPTIONS, "kv_sharing",
                  f"must be one of {KV_SHARING_OPTIONS}, got {self.kv_sharing!r}")
         _require(self.loop_conditioning in LOOP_CONDITIONING_OPTIONS, "loop_conditioning",

@@ -38,6 +38,10 @@ class AdaptiveExit:
         threshold: The criterion's threshold.
         kv_policy: `"propagate"` or `"copy"` (keys/values for skipped loops).
         lm_head: The output projection used to score every loop boundary.
+        max_loop: The last loop a row may run (a static `exit_loop` cap), `None` for every loop.
+        batching: `"compact"` or `"mask"` (how a decode step runs rows that exit at different loops).
+        depth_steps_run: Set by a forward that runs every row through the same depth steps (prompt processing, or a
+            `"mask"` decode step): the depth-step applications each row went through, coda scoring included.
     """
 
     criterion: str
@@ -45,11 +49,13 @@ class AdaptiveExit:
     kv_policy: str
     lm_head: torch.nn.Module
     max_loop: int | None = None
+    batching: str = "compact"
+    depth_steps_run: int | None = None
 
 
 def validate_adaptive_exit(settings: AdaptiveExit) -> None:
     """Raise a `ValueError` naming the argument for unusable adaptive-exit settings."""
-    from .configuration_looped_moe import EXIT_CRITERIA, EXIT_KV_POLICIES
+    from .configuration_looped_moe import EXIT_BATCHING_OPTIONS, EXIT_CRITERIA, EXIT_KV_POLICIES
 
     if settings.criterion not in EXIT_CRITERIA:
         raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {settings.criterion!r}")
@@ -57,6 +63,8 @@ def validate_adaptive_exit(settings: AdaptiveExit) -> None:
         raise ValueError(f"exit_threshold must be a number when exit_criterion is set, got {settings.threshold!r}")
     if settings.kv_policy not in EXIT_KV_POLICIES:
         raise ValueError(f"exit_kv_policy must be one of {EXIT_KV_POLICIES}, got {settings.kv_policy!r}")
+    if settings.batching not in EXIT_BATCHING_OPTIONS:
+        raise ValueError(f"exit_batching must be one of {EXIT_BATCHING_OPTIONS}, got {settings.batching!r}")
 
 
 def skipped_loop_policy(cache, kv_policy: str) -> str | None:
@@ -86,9 +94,10 @@ class ExitTrace:
     """The exits of one `generate` call, step by step: passed to `forward` as `exit_trace`, never kept on the model."""
 
     def __init__(self):
-        self.steps: list[tuple[torch.Tensor, bool | None]] = []
+        self.steps: list[tuple[torch.Tensor, bool | None, bool]] = []
 
-    def record(self, exit_loops: torch.Tensor, decode_scoring: bool | None) -> None:
+    def record(self, exit_loops: torch.Tensor, decode_scoring: bool | None, rows_depth_steps: int | None = None
+               ) -> None:
         """One forward's exit loops `[batch, 1]`, kept as they are until the summary (integer tensors carry no
         graph, and nothing leaves the device per step).
 
@@ -96,24 +105,33 @@ class ExitTrace:
             exit_loops: The loop (from 1) each row's new token exited at.
             decode_scoring: `None` unless the forward was a decode step; then whether its criterion scored every
                 boundary a row reached (`scores_every_boundary` of [`depth_steps_used`]).
+            rows_depth_steps: For a decode step that ran every row through the same depth steps
+                (`exit_batching="mask"`), how many; `None` when each row ran those of its own exit.
         """
-        self.steps.append((exit_loops, decode_scoring))
+        self.steps.append((exit_loops, decode_scoring, rows_depth_steps))
 
     def summary(self, config) -> dict | None:
         """`exit_loops [batch, new_tokens]`, `compute_saved` and `decode_steps`; `None` when nothing exited."""
         if not self.steps:
             return None
-        decode: dict[bool, list[torch.Tensor]] = {}
-        for exit_loops, decode_scoring in self.steps:
-            if decode_scoring is not None:
-                decode.setdefault(decode_scoring, []).append(exit_loops)
-        computed = sum(float(depth_steps_used(config, torch.cat(loops, dim=1), scoring).sum())
-                       for scoring, loops in decode.items())
-        full = sum(loops.numel() for group in decode.values() for loops in group) * config.num_hidden_layers
+        per_row: dict[bool, list[torch.Tensor]] = {}  # decode steps whose rows ran their own exits, by scoring
+        computed, rows, decode_steps = 0.0, 0, 0
+        for exit_loops, decode_scoring, rows_depth_steps in self.steps:
+            if decode_scoring is None:
+                continue
+            decode_steps += 1
+            rows += exit_loops.numel()
+            if rows_depth_steps is None:
+                per_row.setdefault(decode_scoring, []).append(exit_loops)
+            else:
+                computed += rows_depth_steps * exit_loops.numel()
+        computed += sum(float(depth_steps_used(config, torch.cat(loops, dim=1), scoring).sum())
+                        for scoring, loops in per_row.items())
+        full = rows * config.num_hidden_layers
         return {
-            "exit_loops": torch.cat([exit_loops for exit_loops, _ in self.steps], dim=1).cpu(),
+            "exit_loops": torch.cat([exit_loops for exit_loops, _, _ in self.steps], dim=1).cpu(),
             "compute_saved": 1.0 - computed / full if full else 0.0,
-            "decode_steps": sum(len(group) for group in decode.values()),
+            "decode_steps": decode_steps,
         }
 
 
@@ -451,49 +469,61 @@ def adaptive_prefill(
     Returns:
         `(logits [batch, seq, vocab], exit_loops [batch, seq])`.
     """
-    config = model.config
-    num_loops = settings.max_loop or config.num_loops
-    for depth_step in range(config.loop_end(0)):  # the prelude
+    num_loops = settings.max_loop or len(model.loop_steps)
+    for depth_step in model.prelude_steps:
         hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
     loop_input = hidden_states
-    offsets = {config.loop_depth_step(loop_idx, offset): offset
-               for loop_idx in range(config.num_loops) for offset in range(config.num_loop_layers)}
+    offsets = {depth_step: offset for steps in model.loop_steps for offset, depth_step in enumerate(steps)}
+    depth_steps_run = len(model.prelude_steps) + len(model.coda_steps())  # the prelude and the final coda
     proxy = _KeyValueOverride(cache, skipped_loop_policy(cache, settings.kv_policy), offsets)
     batch, seq = hidden_states.shape[:2]
     exited = torch.zeros(batch, seq, dtype=torch.bool, device=hidden_states.device)
     exit_loops = torch.full((batch, seq), num_loops, dtype=torch.long, device=hidden_states.device)
     previous_logits = None
-    for loop_idx in range(config.num_loops):
-        if loop_idx > 0 and bool(exited.all()):
+    any_exited = False  # until a position exits, the loops run as at full depth (no state to hold)
+    decide_rows = model.exit_gate.row_decider(settings.threshold) if settings.criterion == "gate" and seq == 1 else None
+    for loop_idx, loop_steps in enumerate(model.loop_steps):
+        if any_exited and bool(exited.all()):
             # Every position has left: the remaining loops only leave their keys/values (per the policy) in the cache,
             # as a decode step does for a row that exits, with no attention or MLP run for them.
             if cache is not None and proxy.kv_policy is not None:
                 _write_skipped_loops(model, cache, proxy, hidden_states, loop_input, loop_idx,
                                      layer_kwargs["position_embeddings"])
             break
-        proxy.exited = exited
-        for offset in range(config.num_loop_layers):
-            new_states = model.run_depth_step(
-                hidden_states, config.loop_depth_step(loop_idx, offset), loop_input=loop_input, cache=proxy,
-                **layer_kwargs,
-            )
-            hidden_states = torch.where(exited[..., None], hidden_states, new_states)
+        proxy.exited = exited if any_exited else None
+        for depth_step in loop_steps:
+            new_states = model.run_depth_step(hidden_states, depth_step, loop_input=loop_input, cache=proxy,
+                                              **layer_kwargs)
+            depth_steps_run += 1
+            hidden_states = torch.where(exited[..., None], hidden_states, new_states) if any_exited else new_states
         if loop_idx >= num_loops:
             continue  # loops beyond an exit cap only fill their cache slots
-        if settings.criterion == "gate":
-            fires = model.exit_gate.decide(hidden_states, loop_idx, settings.threshold)
+        if loop_idx == num_loops - 1:  # everyone still here exits (no decision to score)
+            fires = torch.ones_like(exited)
+        elif decide_rows is not None:  # one token per row (a decode step): the host-side gate decisions
+            decisions = decide_rows(hidden_states, loop_idx)
+            if not any(decisions):
+                continue  # nobody leaves here
+            fires = torch.tensor(decisions, device=hidden_states.device).view(batch, seq)
         else:
-            logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
-            flat = logits.reshape(batch * seq, -1)
-            fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
-            previous_logits = flat
-        if loop_idx == num_loops - 1:
-            fires = torch.ones_like(fires)
-        fires &= ~exited
+            if settings.criterion == "gate":
+                fires = model.exit_gate.decide(hidden_states, loop_idx, settings.threshold)
+            else:
+                logits = settings.lm_head(model.exit_hidden_states(hidden_states, cache, **layer_kwargs))
+                depth_steps_run += len(model.coda_steps())
+                flat = logits.reshape(batch * seq, -1)
+                fires = exit_decision(flat, previous_logits, settings.criterion, settings.threshold).view(batch, seq)
+                previous_logits = flat
+            if not any(fires.view(-1).tolist()):
+                continue  # nobody leaves here
+        if any_exited:
+            fires &= ~exited
         exit_loops[fires] = loop_idx + 1
         exited = exited | fires
+        any_exited = True
     for depth_step in model.coda_steps():
         hidden_states = model.run_depth_step(hidden_states, depth_step, cache=cache, **layer_kwargs)
+    settings.depth_steps_run = depth_steps_run
     return settings.lm_head(model.norm(hidden_states)), exit_loops
 
 

@@ -476,7 +476,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
                 f"{type(returned_cache(cache)).__name__} cannot take; use the default cache, or a static `exit_loop` with a static "
                 "cache"
             )
-        if is_decode_step_of(cache, hidden_states.shape[1]):
+        if adaptive_exit.batching == "compact" and is_decode_step_of(cache, hidden_states.shape[1]):
             with no_output_capture():
                 exit_logits, exit_loops = adaptive_decode_step(
                     self, hidden_states, layer_kwargs["attention_mask"], layer_kwargs["position_embeddings"], cache,
@@ -540,7 +540,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         coefficients = self.config.router_aux_loss_coef + self.config.router_z_loss_coef
         return labels is not None and self.config.num_experts > 0 and coefficients > 0
 
-    def _adaptive_exit(self, criterion, threshold, kv_policy, exit_loop, kv_sharing) -> AdaptiveExit | None:
+    def _adaptive_exit(self, criterion, threshold, kv_policy, exit_loop, kv_sharing, batching) -> AdaptiveExit | None:
         criterion = criterion if criterion is not None else self.config.exit_criterion
         if criterion is None:
             return None
@@ -556,6 +556,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             kv_policy=kv_policy if kv_policy is not None else self.config.exit_kv_policy,
             lm_head=self.lm_head,
             max_loop=self.model.resolve_exit_loop(exit_loop),
+            batching=batching if batching is not None else self.config.exit_batching,
         )
         validate_adaptive_exit(settings)
         return settings
@@ -578,6 +579,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         exit_kv_policy: str | None = None,
+        exit_batching: str | None = None,
         exit_trace: ExitTrace | None = None,
         kv_sharing: str | None = None,
         **kwargs,
@@ -600,7 +602,7 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
             Static early exit: run loops 1..`exit_loop` only (defaults to `config.exit_loop`).
         output_loop_logits (`bool`, defaults to `False`):
             Return the logits at every loop boundary (`loop_logits`).
-        exit_criterion, exit_threshold, exit_kv_policy (*optional*):
+        exit_criterion, exit_threshold, exit_kv_policy, exit_batching (*optional*):
             Adaptive per-token exit (defaults from the config); see `LoopedMoeConfig`.
         exit_trace (`ExitTrace`, *optional*):
             Receives this call's exit loops (and, in a decode step, the depth steps computed); `generate` passes one
@@ -613,7 +615,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop, kv_sharing)
+        adaptive = self._adaptive_exit(exit_criterion, exit_threshold, exit_kv_policy, exit_loop, kv_sharing,
+                                       exit_batching)
         query_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         # Only `generate`'s exit trace needs it; a compiled call records outside the graph (`get_compiled_call`).
         recording = exit_trace is not None and not torch.compiler.is_compiling()
@@ -624,7 +627,8 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         if adaptive is not None and labels is None:
             outputs = self.model(**model_inputs, adaptive_exit=adaptive)
             if recording:
-                exit_trace.record(outputs.exit_loops[:, -1:], adaptive.criterion != "gate" if is_decode_step else None)
+                exit_trace.record(outputs.exit_loops[:, -1:], adaptive.criterion != "gate" if is_decode_step else None,
+                                  adaptive.depth_steps_run)
             return LoopedMoeCausalLMOutputWithPast(
                 logits=slice_logits_to_keep(outputs.exit_logits, logits_to_keep),
                 **cache_kwargs(output_cache(outputs)),
