@@ -16,7 +16,7 @@ with interleaved min-of-N timing (A, B, A, B, ...; the fastest run of each is ke
 Ratios are reference time / our time (transformers / ours, unrolled / looped, full depth / with exit): above 1.0 is
 faster. Nothing is asserted about times; this is a script, not a test.
 
-    python benchmarks/bench_vs_transformers.py [--quick] [--repeats 3] [--threads 2] [--clock wall|cpu]
+    python benchmarks/bench_vs_transformers.py [--quick] [--repeats 3] [--threads 2] [--clock wall|cpu] [--counts]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
 from modeling_looped_moe.conversion import command as convert_command
+
+from dispatch_counts import count_operations, count_python_calls
 
 LOGIT_ATOL = 1e-4
 # hidden, layers, experts, top-k, vocabulary, forward batch x length, decode prompt length and new tokens
@@ -147,14 +149,14 @@ def forward_fn(model: torch.nn.Module, input_ids: torch.Tensor) -> Callable[[], 
     return run
 
 
-def train_step_fn(model: torch.nn.Module, input_ids: torch.Tensor) -> Callable[[], Any]:
+def train_step_fn(model: torch.nn.Module, input_ids: torch.Tensor, **forward_kwargs: Any) -> Callable[[], Any]:
     """One training step (forward with labels, backward, AdamW step) on a private copy of `model`."""
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def run() -> Any:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False, **forward_kwargs).loss
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -195,10 +197,17 @@ def interleaved(reference: Callable[[], Any], measured: Callable[[], Any], repea
 
 
 class Results:
-    """Collects measured rows and prints one progress line per measurement."""
+    """Collects measured rows and prints one progress line per measurement.
 
-    def __init__(self, repeats: int, clock: Callable[[], float] = time.perf_counter):
-        self.repeats, self.rows, self.clock = repeats, [], clock
+    With `counts`, each row also holds the aten operations and Python calls of one run of each side
+    (`dispatch_counts.py`): they do not move between runs, so they show which side does more work where the times are
+    within this machine's noise.
+    """
+
+    COUNT_KEYS = ("reference_ops", "measured_ops", "reference_calls", "measured_calls")
+
+    def __init__(self, repeats: int, clock: Callable[[], float] = time.perf_counter, counts: bool = False):
+        self.repeats, self.rows, self.clock, self.counts = repeats, [], clock, counts
 
     def measure(self, section: str, name: str, reference: Callable[[], Any], measured: Callable[[], Any],
                 **extra: Any) -> list[Any]:
@@ -206,21 +215,32 @@ class Results:
         ref_time, our_time, outputs = interleaved(reference, measured, self.repeats, self.clock)
         row = dict(section=section, name=name, reference=ref_time, measured=our_time, ratio=ref_time / our_time,
                    **extra)
+        if self.counts:
+            row.update(reference_ops=count_operations(reference), measured_ops=count_operations(measured),
+                       reference_calls=count_python_calls(reference), measured_calls=count_python_calls(measured))
         self.rows.append(row)
-        notes = "".join(f", {key} {value}" for key, value in extra.items())
+        notes = "".join(f", {key} {value}" for key, value in row.items() if key in extra or key in self.COUNT_KEYS)
         print(f"  [{len(self.rows):2d}] {section}: {name}: reference {ref_time:.4f}s, measured {our_time:.4f}s, "
               f"ratio {row['ratio']:.3f}{notes}", flush=True)
         return outputs
 
     def table(self) -> str:
         """The Markdown table of every row."""
-        lines = ["| section | measurement | reference (s) | measured (s) | ratio (reference / measured) |",
-                 "| --- | --- | ---: | ---: | ---: |"]
+        header = "| section | measurement | reference (s) | measured (s) | ratio (reference / measured) |"
+        rule = "| --- | --- | ---: | ---: | ---: |"
+        if self.counts:
+            header += " aten ops (reference / measured) | Python calls (reference / measured) |"
+            rule += " ---: | ---: |"
+        lines = [header, rule]
         for row in self.rows:
             extra = "".join(f"; {key} {value}" for key, value in row.items()
-                            if key not in ("section", "name", "reference", "measured", "ratio"))
-            lines.append(f"| {row['section']} | {row['name']}{extra} | {row['reference']:.4f} | "
-                         f"{row['measured']:.4f} | {row['ratio']:.2f}x |")
+                            if key not in ("section", "name", "reference", "measured", "ratio", *self.COUNT_KEYS))
+            line = (f"| {row['section']} | {row['name']}{extra} | {row['reference']:.4f} | {row['measured']:.4f} | "
+                    f"{row['ratio']:.2f}x |")
+            if self.counts:
+                line += (f" {row['reference_ops']} / {row['measured_ops']} | "
+                         f"{row['reference_calls']} / {row['measured_calls']} |")
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -252,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or the process's CPU time (with --threads 1 it is far less disturbed by other "
                              "jobs on a shared machine; with more threads it also counts their spin-waiting)")
+    parser.add_argument("--counts", action="store_true",
+                        help="also count each side's aten operations and Python calls for one run (deterministic)")
     for key in SIZES["default"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int,
                             help=f"override the size's {key.replace('_', ' ')} (default {SIZES['default'][key]}, "
@@ -302,13 +324,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = {batch: torch.randint(1, size["vocab"], (batch, size["prompt"]), generator=generator)
                for batch in DECODE_BATCHES}
     new_tokens = size["new_tokens"]
-    results = Results(args.repeats, CLOCKS[args.clock])
+    results = Results(args.repeats, CLOCKS[args.clock], counts=args.counts)
 
     section = "ours vs transformers"
     results.measure(section, f"forward {size['batch']}x{size['seq']}", forward_fn(theirs, input_ids),
                     forward_fn(ours, input_ids))
-    results.measure(section, f"train step {size['batch']}x{size['seq']} (AdamW)", train_step_fn(theirs, input_ids),
-                    train_step_fn(ours, input_ids))
+    # The same objective on both sides: the language-modelling loss plus the load-balancing loss (ours adds it whenever
+    # its coefficient is set; transformers' Qwen3-MoE only with `output_router_logits=True`).
+    results.measure(section, f"train step {size['batch']}x{size['seq']} (AdamW)",
+                    train_step_fn(theirs, input_ids, output_router_logits=True), train_step_fn(ours, input_ids))
     identical = {}
     for cache in ("dynamic", "static"):
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}

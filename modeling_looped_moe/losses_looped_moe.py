@@ -43,18 +43,33 @@ def load_balancing_loss(
         A scalar tensor; `top_k` for perfectly uniform routing.
     """
     num_experts = router_logits[0].shape[-1]
-    weights = _token_weights(router_logits[0], attention_mask)
-    assignments = torch.zeros(num_experts, device=weights.device)
-    prob_sum = torch.zeros(num_experts, device=weights.device)
+    weights = None if attention_mask is None else _token_weights(router_logits[0], attention_mask)
+    assignments = prob_sum = None
     for step_logits in router_logits:
         probs = router_scores(step_logits.float(), scoring)
         if scoring == "sigmoid":  # independent scores: normalise over the experts (the top-k choice is unchanged)
             probs = probs / probs.sum(dim=-1, keepdim=True)
         _, selected = torch.topk(probs, top_k, dim=-1)
-        assignments = assignments + (F.one_hot(selected, num_experts).sum(dim=1) * weights[:, None]).sum(dim=0)
-        prob_sum = prob_sum + (probs * weights[:, None]).sum(dim=0)
-    rows = (weights.sum() * len(router_logits)).clamp_min(1.0)
-    return num_experts * torch.sum((assignments / rows) * (prob_sum / rows))
+        if weights is None:  # every row counts: a histogram of the expert ids, no one-hot matrix
+            step_assignments = torch.histc(selected.to(_histogram_dtype(selected.device)), bins=num_experts, min=0,
+                                           max=num_experts)
+            step_probs = probs.sum(dim=0)
+        else:
+            step_assignments = (F.one_hot(selected, num_experts).sum(dim=1) * weights[:, None]).sum(dim=0)
+            step_probs = (probs * weights[:, None]).sum(dim=0)
+        assignments = step_assignments if assignments is None else assignments + step_assignments
+        prob_sum = step_probs if prob_sum is None else prob_sum + step_probs
+    if weights is None:
+        rows = max(float(router_logits[0].shape[0] * len(router_logits)), 1.0)
+    else:
+        rows = (weights.sum() * len(router_logits)).clamp_min(1.0)
+    return num_experts * torch.sum((assignments.float() / rows) * (prob_sum / rows))
+
+
+def _histogram_dtype(device: torch.device) -> torch.dtype:
+    """The dtype `torch.histc` counts expert ids in: float on CPU and MPS (what they support), int32 elsewhere
+    (deterministic on CUDA)."""
+    return torch.float32 if device.type in ("cpu", "mps") else torch.int32
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -659,9 +659,11 @@ class LoopedMoeForCausalLM(LoopedMoePreTrainedModel, GenerationMixin):
         aux_loss = z_loss = None
         if record_router_logits and outputs.router_logits:
             aux_loss, z_loss = self._router_losses(outputs.router_logits, attention_mask)
-            if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+            if loss is not None:  # a zero coefficient adds nothing, not even a backward pass through its loss
+                if self.config.router_aux_loss_coef:
+                    loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                if self.config.router_z_loss_coef:
+                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
         gate_loss = None
         if train_gate:
             gate_loss = exit_gate_loss(self.model.exit_gate, outputs.loop_hidden_states, loop_logits, labels,

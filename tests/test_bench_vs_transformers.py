@@ -10,8 +10,10 @@ import transformers
 from conftest import REPO
 
 
-def test_bench_vs_transformers_runs_at_a_tiny_size():
-    """The logits of the converted model match transformers', and every measurement yields a finite positive ratio."""
+def test_bench_vs_transformers_runs_at_a_tiny_size(monkeypatch):
+    """The logits of the converted model match transformers', every measurement yields a finite positive ratio, and
+    `--counts` adds each side's aten operations and Python calls."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when the script runs: its helpers sit beside it
     spec = importlib.util.spec_from_file_location("bench_vs_transformers",
                                                   REPO / "benchmarks" / "bench_vs_transformers.py")
     bench = importlib.util.module_from_spec(spec)
@@ -20,7 +22,7 @@ def test_bench_vs_transformers_runs_at_a_tiny_size():
     try:
         result = bench.main(["--quick", "--hidden", "32", "--layers", "2", "--vocab", "128", "--batch", "1",
                              "--seq", "16", "--prompt", "4", "--new-tokens", "2", "--repeats", "1", "--threads", "1",
-                             "--clock", "cpu"])
+                             "--clock", "cpu", "--counts"])
     finally:
         transformers.logging.set_verbosity(verbosity)
         if progress:
@@ -32,6 +34,8 @@ def test_bench_vs_transformers_runs_at_a_tiny_size():
     assert len(result["rows"]) >= 15
     for row in result["rows"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        for key in ("reference_ops", "measured_ops", "reference_calls", "measured_calls"):
+            assert isinstance(row[key], int) and row[key] > 0, (key, row)
     exits = [row for row in result["rows"] if "compute_saved" in row]
     assert len(exits) == 10
     for row in exits:  # half the depth is skipped when every token exits at loop 1 of 2, none when no token does
