@@ -197,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         "gate, every token exits at loop 1, copy": {"exit_criterion": "gate", "exit_threshold": 0.0,
                                                     "exit_kv_policy": "copy"},
     })
-    settings.update({f"gate threshold {t:g}": {"exit_criterion": "gate", "exit_threshold": t} for t in (0.7, 0.5)})
-    settings.update({f"entropy threshold {t:g}": {"exit_criterion": "entropy", "exit_threshold": t} for t in (2.0,)})
+    for batching in ("compact", "mask"):  # rows that exit at different loops: leave the batch, or held in it
+        settings.update({f"gate threshold {t:g}, {batching}": {"exit_criterion": "gate", "exit_threshold": t,
+                                                              "exit_batching": batching} for t in (0.7, 0.5)})
+        settings[f"entropy threshold 5.5, {batching}"] = {"exit_criterion": "entropy", "exit_threshold": 5.5,
+                                                          "exit_batching": batching}
     prompts = eval_blocks[-8:, :32]
     for batch_prompts in (prompts, prompts[:1]):
         if "counts" in args.parts:

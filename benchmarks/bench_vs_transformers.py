@@ -11,7 +11,8 @@ with interleaved min-of-N timing (A, B, A, B, ...; the fastest run of each is ke
 * a looped native model (2 loops) against its unrolled twin holding the same weights at every depth step;
 * each exit mode of that 2-loop model against full depth: static `exit_loop=1`, adaptive entropy exit where every
   token exits at loop 1 (huge threshold) and where no token exits (threshold -1), and the same two cases with the
-  learned exit gate (untrained, so thresholds 0 and 1.01 make it fire always or never).
+  learned exit gate (untrained, so thresholds 0 and 1.01 make it fire always or never), the first also with
+  `exit_kv_policy="copy"` (skipped loops get copies of the exit loop's keys/values instead of projections).
 
 Ratios are reference time / our time (transformers / ours, unrolled / looped, full depth / with exit): above 1.0 is
 faster. Nothing is asserted about times; this is a script, not a test.
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "adaptive entropy, every token exits at loop 1": dict(exit_criterion="entropy", exit_threshold=1e9),
              "adaptive entropy, no token exits": dict(exit_criterion="entropy", exit_threshold=-1.0),
              "adaptive gate, every token exits at loop 1": dict(exit_criterion="gate", exit_threshold=0.0),
+             "adaptive gate, every token exits at loop 1, exit_kv_policy=copy": dict(
+                 exit_criterion="gate", exit_threshold=0.0, exit_kv_policy="copy"),
              "adaptive gate, no token exits": dict(exit_criterion="gate", exit_threshold=1.01)}
     for name, kwargs in modes.items():
         for batch, prompt in prompts.items():

@@ -491,11 +491,12 @@ def adaptive_prefill(
                                      layer_kwargs["position_embeddings"])
             break
         proxy.exited = exited if any_exited else None
+        held = exited[..., None] if any_exited else None  # positions held at their exit state in this loop
         for depth_step in loop_steps:
             new_states = model.run_depth_step(hidden_states, depth_step, loop_input=loop_input, cache=proxy,
                                               **layer_kwargs)
             depth_steps_run += 1
-            hidden_states = torch.where(exited[..., None], hidden_states, new_states) if any_exited else new_states
+            hidden_states = new_states if held is None else torch.where(held, hidden_states, new_states)
         if loop_idx >= num_loops:
             continue  # loops beyond an exit cap only fill their cache slots
         if loop_idx == num_loops - 1:  # everyone still here exits (no decision to score)
