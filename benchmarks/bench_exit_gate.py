@@ -32,9 +32,8 @@ from modeling_looped_moe.early_exit_looped_moe import depth_steps_used
 from modeling_looped_moe.eval.exits import looped_relative_flops
 from modeling_looped_moe.eval.loop_eval import adaptive_token_losses, loop_token_losses, per_loop_perplexity
 from modeling_looped_moe.training.data import ModelDataArguments, load_documents, tokenize_blocks
+from modeling_looped_moe.eval.measurement import CLOCKS, per_step_counts
 from modeling_looped_moe.training.exit_gate import train_exit_gate
-
-from dispatch_counts import per_step_counts
 
 ENTROPY_THRESHOLDS = [3.0, 4.0, 5.0, 5.5, 6.0, 6.5]
 GATE_THRESHOLDS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
@@ -54,9 +53,6 @@ def quality_rows(model, blocks: torch.Tensor) -> list[tuple[str, float, float, f
                          exit_loops.double().mean().item(),
                          looped_relative_flops(config, exit_loop_counts=counts, criterion=criterion)))
     return rows
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def generate_fn(model, prompts: torch.Tensor, new_tokens: int, **kwargs):

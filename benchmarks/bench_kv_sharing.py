@@ -33,6 +33,7 @@ from transformers.utils import logging as transformers_logging
 
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.compat_looped_moe import output_cache
+from modeling_looped_moe.eval.measurement import CLOCKS
 from modeling_looped_moe.kv_sharing_looped_moe import cache_bytes
 
 OPTIONS = ("none", "last", "first")
@@ -161,7 +162,7 @@ def quality_and_speed_tables(args: argparse.Namespace) -> None:
 
 
 def speed_table(args: argparse.Namespace, model, prompts: torch.Tensor) -> None:
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
     times = decode_times(model, prompts, args.decode_tokens, args.repeats, clock)
     print(f"\n3. greedy decode, batch {prompts.shape[0]}, prompt {prompts.shape[1]}, {args.decode_tokens} new tokens, "
           f"min of {args.repeats} interleaved runs ({args.clock} time), {args.threads} thread(s), "
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agreement-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="decode timing: wall time, or this process's CPU time (steadier on a shared machine)")
     parser.add_argument("--rss-preset", default="looped-moe-8x2")
     parser.add_argument("--rss-set", nargs="*", default=["num_loop_layers=2", "num_loops=4"],

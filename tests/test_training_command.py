@@ -245,7 +245,7 @@ def test_main_job_writes_summary_and_plot(tmp_path):
     assert all(0.0 <= row["compute_saved"] < 1.0 for row in summary["entropy_sweep"])
     assert len(summary["sample"]["adaptive"]["exit_loops"]) == 4
     for run in ("adaptive", "full_depth"):  # the sample may stop at eos; the timed runs generate all 4 tokens
-        assert 1 <= summary["sample"][run]["new_tokens"] <= 4 and summary["sample"][run]["seconds"] > 0
+        assert 1 <= summary["sample"][run]["new_tokens"] <= 4
     assert 0.0 <= summary["sample"]["adaptive"]["timed_compute_saved"] < 1.0
     assert (out / "main_job.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_coda_layers == 0

@@ -1,16 +1,21 @@
-"""Deterministic cost counts for benchmark rows: dispatched aten operations and Python function calls.
+"""Measurement helpers of the benchmark scripts: their clocks, and deterministic cost counts (dispatched aten
+operations and Python function calls).
 
-On a small model a decode step is mostly per-operation overhead, and this machine's timings move by +-20% between
-identical runs; these counts do not move at all, so they tell which of two code paths does more work.
+On a small model a decode step is mostly per-operation overhead, and a shared machine's timings move by +-20% between
+identical runs; the counts do not move at all, so they tell which of two code paths does more work.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# `--clock` of the benchmarks: wall time, or this process's CPU time (steadier on a shared machine with one thread).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class _OperationCounter(TorchDispatchMode):
