@@ -20,13 +20,7 @@ from .kv_sharing_looped_moe import LoopSharedCache
 
 
 def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `[batch, heads, seq, head_dim]` states.
-
-    cos/sin are `[batch, seq, head_dim]` as the rotary embedding returns them, or `[batch, 1, seq, head_dim]` as the
-    model's forward passes them (unsqueezed once for all its depth steps, instead of twice per layer).
-    """
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """RoPE on `[batch, heads, seq, head_dim]` states (cos/sin are `[batch, 1, seq, head_dim]`)."""
     return (states * cos) + (rotate_half(states) * sin)
 
 
@@ -35,7 +29,15 @@ class LoopedMoeRMSNorm(Qwen3MoeRMSNorm):
 
 
 class LoopedMoeRotaryEmbedding(Qwen3MoeRotaryEmbedding):
-    """Rotary position embedding; every depth step of one forward shares the same cos/sin."""
+    """Rotary position embedding; every depth step of one forward shares the same cos/sin.
+
+    Returns cos/sin as `[batch, 1, seq, head_dim]`, broadcast over the heads once per forward rather than for the
+    queries and again for the keys in every layer.
+    """
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = super().forward(x, position_ids)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 class LoopedMoeAttention(nn.Module):

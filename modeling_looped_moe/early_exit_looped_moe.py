@@ -333,7 +333,8 @@ def adaptive_decode_step(
     final_logits = None
     active = None  # rows still looping (indices into the batch), `None` while it is every row
     previous_logits = None
-    decide_rows = model.exit_gate.row_decider(settings.threshold) if settings.criterion == "gate" else None
+    gate = settings.criterion == "gate"  # the gate decides on the loop output: only exiting rows are scored
+    decide_rows = model.exit_gate.row_decider(settings.threshold) if gate else None
     states = hidden_states
     for loop_idx in range(num_loops):
         if active is None:
@@ -351,33 +352,31 @@ def adaptive_decode_step(
                 states = model.run_depth_step(states, depth_step, attention_mask=causal_mask,
                                               position_embeddings=position_embeddings, cache=cache)
             return settings.lm_head(model.norm(states)), exit_loops
-        if settings.criterion == "gate":  # decide on the loop output; only exiting rows pay for coda and head
-            if last:
-                fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-            else:
-                decisions = decide_rows(states, loop_idx)
-                if not any(decisions):
-                    continue  # no row leaves: nothing to score, stage or gather
-                fires = torch.tensor(decisions, device=states.device)
-            rows = active if active is not None else torch.arange(batch_size, device=states.device)
-            exited, coda_rows = rows[fires], slice(None)
+        if not gate:  # the criterion reads the exit distribution of every active row
+            logits, coda_staging = _score_boundary(model, states, active, rows_mask, rows_embeddings, cache,
+                                                   settings.lm_head)
+        if last:
+            fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+        elif gate:
+            decisions = decide_rows(states, loop_idx)
+            if not any(decisions):
+                continue  # no row leaves: nothing to score, stage or gather
+            fires = torch.tensor(decisions, device=states.device)
+        else:
+            fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
+            if not any(fires.tolist()):
+                previous_logits = logits
+                continue  # no row leaves: nothing to stage or gather
+        rows = active if active is not None else torch.arange(batch_size, device=states.device)
+        exited = rows[fires]
+        if gate:
             exit_logits, coda_staging = _score_boundary(
                 model, states[fires], exited if len(exited) < batch_size else None,
                 _rows_of(causal_mask, exited, batch_size), embeddings_of(exited), cache, settings.lm_head,
             )
-        else:  # the criterion reads the exit distribution of every active row
-            logits, coda_staging = _score_boundary(model, states, active, rows_mask, rows_embeddings, cache,
-                                                   settings.lm_head)
-            if last:
-                fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-            else:
-                fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
-                if not any(fires.tolist()):
-                    previous_logits = logits
-                    continue  # no row leaves: nothing to stage or gather
-            rows = active if active is not None else torch.arange(batch_size, device=states.device)
-            exited, exit_logits, coda_rows = rows[fires], logits[fires], fires
-            previous_logits = logits[~fires]
+            coda_rows = slice(None)
+        else:
+            exit_logits, coda_rows, previous_logits = logits[fires], fires, logits[~fires]
         if len(exited) == batch_size:  # the whole batch exits here (the rows in order): no scatter needed
             final_logits = exit_logits
         else:
@@ -414,8 +413,8 @@ def _score_boundary(model, states, rows, rows_mask, rows_embeddings, cache, lm_h
     Runs inside the decode step's `no_output_capture`, so the coda's router logits are not recorded."""
     coda_staging = _Staging()
 
-    def stage_coda(depth_step, key_states, value_states):
-        coda_staging.keys[depth_step], coda_staging.values[depth_step] = key_states, value_states
+    def stage_coda(depth_step, key_states, value_states):  # every scored row at once
+        coda_staging.put(depth_step, None, key_states.shape[0], key_states, value_states)
 
     coda_view = StagedCacheView(cache, rows, stage_coda)
     for depth_step in model.coda_steps():

@@ -255,7 +255,6 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
             tuple(config.loop_depth_step(loop_idx, offset) for offset in range(config.num_loop_layers))
             for loop_idx in range(config.num_loops)
         )
-        self._loop_ends = tuple(config.loop_end(loops_run) for loops_run in range(1, config.num_loops + 1))
         self._coda_steps = tuple(range(config.coda_start, config.num_hidden_layers))
         self.expert_banks = nn.ModuleList([LoopedMoeExperts(config) for _ in range(len(set(self.bank_map.values())))])
         self.loop_embeddings = None
@@ -361,7 +360,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
     def loop_boundaries(self, exit_loop: int | None = None) -> list[int]:
         """Depth step index (exclusive end) at which each loop that runs finishes."""
         loops_run = len(self.loop_steps) if exit_loop is None else exit_loop
-        return list(self._loop_ends[:loops_run])
+        return [steps[-1] + 1 for steps in self.loop_steps[:loops_run]]
 
     def resolve_kv_sharing(self, kv_sharing: str | None) -> str:
         """The cache sharing rule: the argument, else `config.kv_sharing`; validated."""
@@ -454,8 +453,7 @@ class LoopedMoeModel(LoopedMoePreTrainedModel):
 
         causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
-        cos, sin = self.rotary_emb(hidden_states, position_ids=position_ids)
-        position_embeddings = (cos.unsqueeze(1), sin.unsqueeze(1))  # broadcast over heads, once for every layer
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         layer_kwargs = dict(attention_mask=causal_mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, **kwargs)
         cache = self.shared_cache(cache, kv_sharing)
