@@ -11,7 +11,9 @@ Adaptive exit semantics (documented in docs/EARLY_EXIT.md):
 - Later tokens attend to every loop's cache slot, so an exited token still writes keys/values there:
   `exit_kv_policy="propagate"` projects its exit hidden state through each skipped layer's input norm and K/V
   projections (cheap: no attention, no MLP); `"copy"` reuses the keys/values it wrote in the same layer of the last
-  loop it computed. All new keys/values of a step are staged and written once per cache slot at the end.
+  loop it computed. All new keys/values of a step are staged and written once per cache slot at the end. Under
+  `propagate`, the loops that no row of the step ran are left owing the projections, which happen (batched over
+  positions) when a later token first reads those layers (`deferred_kv_looped_moe`).
   Under `kv_sharing` a skipped loop writes nothing of its own: the shared slot keeps the keys/values of the last loop
   the token computed (`"last"`) or of its first loop (`"first"`).
 """
@@ -26,6 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers.cache_utils import Cache
 from transformers.utils.output_capturing import _active_collector
 
+from .deferred_kv_looped_moe import can_defer, defer_skipped_loops
 from .kv_sharing_looped_moe import LoopSharedCache, attend_without_writing
 
 
@@ -323,7 +326,7 @@ def adaptive_decode_step(
         hidden_states = model.run_depth_step(
             hidden_states, depth_step, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache
         )
-    loop_inputs = hidden_states
+    loop_inputs = block_input = hidden_states
 
     staging = _Staging()
     kv_policy = skipped_loop_policy(cache, settings.kv_policy)
@@ -336,6 +339,7 @@ def adaptive_decode_step(
     gate = settings.criterion == "gate"  # the gate decides on the loop output: only exiting rows are scored
     decide_rows = model.exit_gate.row_decider(settings.threshold) if gate else None
     states = hidden_states
+    exit_groups = []  # (rows, exit states, loop inputs, loop index) of the rows leaving at each boundary
     for loop_idx in range(num_loops):
         if active is None:
             rows_mask, rows_embeddings, view = causal_mask, position_embeddings, whole_batch_cache
@@ -388,13 +392,26 @@ def adaptive_decode_step(
             staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
                         coda_staging.values[depth_step][coda_rows])
         if loop_idx < len(model.loop_steps) - 1 and kv_policy is not None:
-            _stage_skipped_loops(model, staging, states[fires], loop_inputs[fires], exited, batch_size, loop_idx,
-                                 kv_policy, embeddings_of(exited))
+            exit_groups.append((exited, states[fires], loop_inputs[fires], loop_idx))
         if last or len(exited) == len(rows):
             break
         stays = ~fires
         active, states, loop_inputs = rows[stays], states[stays], loop_inputs[stays]
+    # `loop_idx` is the deepest loop any row ran: the loops after it are owed by every row, and can wait for a reader.
+    deferred = (kv_policy == "propagate" and loop_idx < len(model.loop_steps) - 1
+                and can_defer(cache, sum(model.loop_steps[loop_idx + 1:], ())))
+    for rows, exit_states, exit_inputs, exit_loop_idx in exit_groups:
+        _stage_skipped_loops(model, staging, exit_states, exit_inputs, rows, batch_size, exit_loop_idx, kv_policy,
+                             embeddings_of(rows), last_loop=loop_idx if deferred else None)
     staging.commit(cache)
+    if deferred:
+        if len(exit_groups) == 1:  # one group that exited together: the whole batch, in order
+            exit_states = exit_groups[0][1]
+        else:
+            exit_states = block_input.new_empty(block_input.shape)
+            for rows, group_states, _, _ in exit_groups:
+                exit_states[rows] = group_states
+        defer_skipped_loops(model, cache, exit_states, block_input, loop_idx + 1, position_embeddings)
     return final_logits[:, None, :], exit_loops
 
 
@@ -485,7 +502,10 @@ def adaptive_prefill(
         if any_exited and bool(exited.all()):
             # Every position has left: the remaining loops only leave their keys/values (per the policy) in the cache,
             # as a decode step does for a row that exits, with no attention or MLP run for them.
-            if cache is not None and proxy.kv_policy is not None:
+            if proxy.kv_policy == "propagate" and can_defer(cache, sum(model.loop_steps[loop_idx:], ())):
+                defer_skipped_loops(model, cache, hidden_states, loop_input, loop_idx,
+                                    layer_kwargs["position_embeddings"])
+            elif cache is not None and proxy.kv_policy is not None:
                 _write_skipped_loops(model, cache, proxy, hidden_states, loop_input, loop_idx,
                                      layer_kwargs["position_embeddings"])
             break
@@ -528,9 +548,9 @@ def adaptive_prefill(
 
 
 def _skipped_loop_key_values(model, kv_policy: str, copied_key_values, exit_states, loop_inputs, first_skipped_loop,
-                             position_embeddings):
-    """`(depth_step, (keys, values))` for every loop-block layer of loops `first_skipped_loop..` that exited tokens
-    skip, following `kv_policy`.
+                             position_embeddings, last_loop: int | None = None):
+    """`(depth_step, (keys, values))` for every loop-block layer of loops `first_skipped_loop..last_loop` (default:
+    the last loop) that exited tokens skip, following `kv_policy`.
 
     `copy` repeats `copied_key_values(offset)` (what the token wrote in that layer of the last loop it computed);
     `propagate` gives each skipped layer the keys/values of the state the token would enter it with if it stood still
@@ -541,7 +561,7 @@ def _skipped_loop_key_values(model, kv_policy: str, copied_key_values, exit_stat
     loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
     for offset in range(config.num_loop_layers):
         key_value = copied_key_values(offset) if kv_policy == "copy" else None
-        for later_loop in range(first_skipped_loop, config.num_loops):
+        for later_loop in range(first_skipped_loop, config.num_loops if last_loop is None else last_loop + 1):
             if key_value is None or (kv_policy == "propagate" and loop_dependent):
                 key_value = model.standing_key_values(exit_states, later_loop, offset, loop_inputs, position_embeddings)
             yield config.loop_depth_step(later_loop, offset), key_value
@@ -560,13 +580,15 @@ def _write_skipped_loops(model, cache: Cache, proxy: _KeyValueOverride, exit_sta
 
 
 def _stage_skipped_loops(
-    model, staging: _Staging, exit_states, loop_inputs, rows, batch_size, exit_loop_idx, kv_policy, position_embeddings
+    model, staging: _Staging, exit_states, loop_inputs, rows, batch_size, exit_loop_idx, kv_policy, position_embeddings,
+    last_loop: int | None = None,
 ):
-    """Stage the keys/values of the loops that `rows` skip after exiting at loop `exit_loop_idx` (a decode step)."""
+    """Stage the keys/values of the loops that `rows` skip after exiting at loop `exit_loop_idx` (a decode step), up
+    to `last_loop` (default: the last loop; the later ones are deferred)."""
     def copied_key_values(offset: int):
         return staging.new_key_values(model.config.loop_depth_step(exit_loop_idx, offset), rows)
 
     for depth_step, key_value in _skipped_loop_key_values(
-        model, kv_policy, copied_key_values, exit_states, loop_inputs, exit_loop_idx + 1, position_embeddings
+        model, kv_policy, copied_key_values, exit_states, loop_inputs, exit_loop_idx + 1, position_embeddings, last_loop
     ):
         staging.put(depth_step, rows, batch_size, *key_value)

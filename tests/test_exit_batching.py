@@ -2,7 +2,7 @@
 
 It must give what `"compact"` (rows leave the batch) gives, token for token and exit for exit, and count as computed
 what it runs: every row goes through the depth steps of the batch's slowest row. Tokens and exit loops of one model
-are compared exactly; thresholds come from `test_early_exit.threshold_for`, which keeps every criterion value at
+are compared exactly; thresholds come from `exit_fixtures.threshold_for`, which keeps every criterion value at
 least 1e-3 away from the threshold, so float noise between the two paths cannot flip a decision.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_early_exit import CRITERIA, NEW_TOKENS, POLICIES, build, call_log, greedy, padded_batch, threshold_for
+from exit_fixtures import CRITERIA, NEW_TOKENS, POLICIES, build, call_log, gated, greedy, padded_batch, threshold_for
 
 from modeling_looped_moe import LoopedMoeConfig
 from modeling_looped_moe.compat_looped_moe import output_cache
@@ -20,15 +20,6 @@ from modeling_looped_moe.compat_looped_moe import output_cache
 def model():
     """Prelude 1, loop block 2 x 3 loops, coda 1 (8 depth steps), with an exit gate."""
     return build(exit_gate=True)
-
-
-def gated(model, scale: float = 8.0, seed: int = 3):
-    """`model` with random gate probes that mix exit loops on the padded batch."""
-    gate = model.model.exit_gate
-    with torch.no_grad():
-        gate.weight.copy_(scale * torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(seed)))
-        gate.bias.zero_()
-    return model
 
 
 def settings_for(model, criterion: str, policy: str) -> dict:
