@@ -30,7 +30,7 @@ class _StandingTokens:
 
     exit_states: torch.Tensor  # [batch, seq, hidden]
     loop_inputs: torch.Tensor  # [batch, seq, hidden], the loop block's input (for input re-injection)
-    cos: torch.Tensor  # [batch, 1, seq, head_dim]
+    cos: torch.Tensor  # [batch, 1, seq, head_dim], or broadcast over the batch
     sin: torch.Tensor
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -47,12 +47,14 @@ def _standing_key_values(model, tokens: list[_StandingTokens], loop_idx: int, of
     loop_independent = config.loop_conditioning == "none" and config.loop_input_injection == "none"
     missing = [part for part in tokens if offset not in part.key_values] if loop_independent else tokens
     if missing:
+        batch_size = missing[0].exit_states.shape[0]
         keys, values = model.standing_key_values(
             torch.cat([part.exit_states for part in missing], dim=1),
             loop_idx,
             offset,
             torch.cat([part.loop_inputs for part in missing], dim=1),
-            (torch.cat([part.cos for part in missing], dim=2), torch.cat([part.sin for part in missing], dim=2)),
+            tuple(torch.cat([embedding.expand(batch_size, -1, -1, -1) for embedding in embeddings], dim=2)
+                  for embeddings in ([part.cos for part in missing], [part.sin for part in missing])),
         )
         if not loop_independent:
             return keys, values
@@ -151,14 +153,13 @@ def defer_skipped_loops(
         first_skipped_loop: The first loop (from 0) that no position ran.
         position_embeddings: `(cos, sin)` of the positions, batch-first or broadcast.
     """
-    batch_size = exit_states.shape[0]
-    cos, sin = position_embeddings
-    tokens = _StandingTokens(exit_states, loop_inputs, cos.expand(batch_size, -1, -1, -1),
-                             sin.expand(batch_size, -1, -1, -1))
+    tokens = _StandingTokens(exit_states, loop_inputs, *position_embeddings)
+    layers = cache.layers
     for loop_idx in range(first_skipped_loop, len(model.loop_steps)):
         for offset, depth_step in enumerate(model.loop_steps[loop_idx]):
-            layer = cache.layers[depth_step] = DeferredKeyValueLayer.replacing(cache.layers[depth_step], model,
-                                                                               loop_idx, offset)
+            layer = layers[depth_step]
+            if type(layer) is not DeferredKeyValueLayer or layer._model() is not model:
+                layer = layers[depth_step] = DeferredKeyValueLayer.replacing(layer, model, loop_idx, offset)
             if not layer.is_initialized:  # transformers skips uninitialized layers (`crop`), so owing counts as content
                 layer.lazy_initialization(exit_states, exit_states)
             layer._pending.append(tokens)

@@ -265,6 +265,12 @@ class _Staging:
         self.keys[depth_step][rows] = key_states
         self.values[depth_step][rows] = value_states
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (a boolean mask or indices) of every staged slot."""
+        for depth_step in self.keys:
+            self.keys[depth_step] = self.keys[depth_step][rows]
+            self.values[depth_step] = self.values[depth_step][rows]
+
     def new_key_values(self, depth_step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values of `rows` this step gives slot `depth_step` (staged or written through)."""
         keys, values = self.written.get(depth_step, (self.keys.get(depth_step), self.values.get(depth_step)))
@@ -332,7 +338,7 @@ def adaptive_decode_step(
     kv_policy = skipped_loop_policy(cache, settings.kv_policy)
     # Loops that every row runs write the cache directly; `copy` also remembers what they wrote for later exits.
     whole_batch_cache = _WriteThrough(cache, staging) if kv_policy == "copy" else cache
-    exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=hidden_states.device)
+    exits = []  # (rows, exit loop from 1) at each boundary where rows leave
     final_logits = None
     active = None  # rows still looping (indices into the batch), `None` while it is every row
     previous_logits = None
@@ -355,45 +361,52 @@ def adaptive_decode_step(
             for depth_step in model.coda_steps():
                 states = model.run_depth_step(states, depth_step, attention_mask=causal_mask,
                                               position_embeddings=position_embeddings, cache=cache)
-            return settings.lm_head(model.norm(states)), exit_loops
+            return settings.lm_head(model.norm(states)), _exit_loops(exits, batch_size, num_loops, states.device)
         if not gate:  # the criterion reads the exit distribution of every active row
-            logits, coda_staging = _score_boundary(model, states, active, rows_mask, rows_embeddings, cache,
+            scored, coda_staging = _score_boundary(model, states, active, rows_mask, rows_embeddings, cache,
                                                    settings.lm_head)
+            logits = scored[:, -1]
         if last:
-            fires = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+            decisions = None  # every active row leaves
         elif gate:
             decisions = decide_rows(states, loop_idx)
             if not any(decisions):
                 continue  # no row leaves: nothing to score, stage or gather
-            fires = torch.tensor(decisions, device=states.device)
         else:
             fires = exit_decision(logits, previous_logits, settings.criterion, settings.threshold)
-            if not any(fires.tolist()):
+            decisions = fires.tolist()
+            if not any(decisions):
                 previous_logits = logits
                 continue  # no row leaves: nothing to stage or gather
         rows = active if active is not None else torch.arange(batch_size, device=states.device)
-        exited = rows[fires]
+        everyone = decisions is None or all(decisions)  # the active rows leave together: no row selection
+        if everyone:
+            exited, exit_states, exit_inputs = rows, states, loop_inputs
+        else:
+            fires = torch.tensor(decisions, device=states.device) if gate else fires
+            exited, exit_states, exit_inputs = rows[fires], states[fires], loop_inputs[fires]
         if gate:
             exit_logits, coda_staging = _score_boundary(
-                model, states[fires], exited if len(exited) < batch_size else None,
+                model, exit_states, exited if len(exited) < batch_size else None,
                 _rows_of(causal_mask, exited, batch_size), embeddings_of(exited), cache, settings.lm_head,
             )
-            coda_rows = slice(None)
+        elif everyone:
+            exit_logits = scored
         else:
-            exit_logits, coda_rows, previous_logits = logits[fires], fires, logits[~fires]
+            exit_logits, previous_logits = scored[fires], logits[~fires]
+            coda_staging.select(fires)  # keep the coda keys/values of the rows that exit here
         if len(exited) == batch_size:  # the whole batch exits here (the rows in order): no scatter needed
             final_logits = exit_logits
         else:
             if final_logits is None:
-                final_logits = exit_logits.new_zeros((batch_size, exit_logits.shape[-1]))
+                final_logits = exit_logits.new_zeros((batch_size, *exit_logits.shape[1:]))
             final_logits[exited] = exit_logits
-        exit_loops[exited] = loop_idx + 1
+        exits.append((exited, loop_idx + 1))
         for depth_step in coda_staging.keys:  # the coda's keys/values are those of the boundary a row exits at
-            staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step][coda_rows],
-                        coda_staging.values[depth_step][coda_rows])
+            staging.put(depth_step, exited, batch_size, coda_staging.keys[depth_step], coda_staging.values[depth_step])
         if loop_idx < len(model.loop_steps) - 1 and kv_policy is not None:
-            exit_groups.append((exited, states[fires], loop_inputs[fires], loop_idx))
-        if last or len(exited) == len(rows):
+            exit_groups.append((exited, exit_states, exit_inputs, loop_idx))
+        if everyone:
             break
         stays = ~fires
         active, states, loop_inputs = rows[stays], states[stays], loop_inputs[stays]
@@ -401,8 +414,9 @@ def adaptive_decode_step(
     deferred = (kv_policy == "propagate" and loop_idx < len(model.loop_steps) - 1
                 and can_defer(cache, sum(model.loop_steps[loop_idx + 1:], ())))
     for rows, exit_states, exit_inputs, exit_loop_idx in exit_groups:
-        _stage_skipped_loops(model, staging, exit_states, exit_inputs, rows, batch_size, exit_loop_idx, kv_policy,
-                             embeddings_of(rows), last_loop=loop_idx if deferred else None)
+        if not (deferred and exit_loop_idx == loop_idx):  # skipped loops that some row ran: written now
+            _stage_skipped_loops(model, staging, exit_states, exit_inputs, rows, batch_size, exit_loop_idx,
+                                 kv_policy, embeddings_of(rows), last_loop=loop_idx if deferred else None)
     staging.commit(cache)
     if deferred:
         if len(exit_groups) == 1:  # one group that exited together: the whole batch, in order
@@ -412,7 +426,17 @@ def adaptive_decode_step(
             for rows, group_states, _, _ in exit_groups:
                 exit_states[rows] = group_states
         defer_skipped_loops(model, cache, exit_states, block_input, loop_idx + 1, position_embeddings)
-    return final_logits[:, None, :], exit_loops
+    return final_logits, _exit_loops(exits, batch_size, num_loops, final_logits.device)
+
+
+def _exit_loops(exits: list[tuple[torch.Tensor, int]], batch_size: int, num_loops: int, device) -> torch.Tensor:
+    """Each row's exit loop `[batch]` from the `(rows, exit loop)` of every boundary where rows left."""
+    if len(exits) == 1 and len(exits[0][0]) == batch_size:  # the whole batch left together
+        return torch.full((batch_size,), exits[0][1], dtype=torch.long, device=device)
+    exit_loops = torch.full((batch_size,), num_loops, dtype=torch.long, device=device)
+    for rows, exit_loop in exits:
+        exit_loops[rows] = exit_loop
+    return exit_loops
 
 
 def _staging_callback(staging: _Staging, rows: torch.Tensor, batch_size: int):
@@ -423,7 +447,7 @@ def _staging_callback(staging: _Staging, rows: torch.Tensor, batch_size: int):
 
 
 def _score_boundary(model, states, rows, rows_mask, rows_embeddings, cache, lm_head):
-    """The exit logits `[rows, vocab]` of `rows` (batch indices; `None` for the whole batch) at a loop boundary
+    """The exit logits `[rows, 1, vocab]` of `rows` (batch indices; `None` for the whole batch) at a loop boundary
     (coda, final norm, head), with the coda's keys/values staged per row in a `_Staging` of their own (kept only for
     the rows that exit here).
 
@@ -437,7 +461,7 @@ def _score_boundary(model, states, rows, rows_mask, rows_embeddings, cache, lm_h
     for depth_step in model.coda_steps():
         states = model.run_depth_step(states, depth_step, attention_mask=rows_mask,
                                       position_embeddings=rows_embeddings, cache=coda_view)
-    return lm_head(model.norm(states))[:, -1], coda_staging
+    return lm_head(model.norm(states)), coda_staging
 
 
 class _KeyValueOverride:
