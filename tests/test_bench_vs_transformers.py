@@ -29,7 +29,8 @@ def test_bench_vs_transformers_runs_at_a_tiny_size():
     assert result["logit_diff"] <= bench.LOGIT_ATOL
     assert result["twin_logit_diff"] <= bench.LOGIT_ATOL
     sections = {row["section"] for row in result["rows"]}
-    assert sections == {"ours vs transformers", "looped vs unrolled", "exit vs full depth (2 loops)"}
+    assert sections == {"ours vs transformers", "looped vs unrolled", "exit vs full depth (2 loops)",
+                        "adaptive vs static exit_loop=1"}
     assert len(result["rows"]) >= 15
     for row in result["rows"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row

@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import REPO, free_port
 
 
 def _run(command: list[str], log: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # Loopback only, as `run_gloo_workers` does: gloo otherwise resolves the host name to pick an interface.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(command, check=False, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=600)
     log.write_text(result.stdout)
@@ -58,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
           "--output_dir", str(one)], root / "one.log")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     _run([*launch, *train, "--per_device_train_batch_size", "2", "--output_dir", str(two)], root / "two.log")
     return {"one": one, "two": two, "two_log": root / "two.log"}
 
