@@ -104,6 +104,10 @@ class DeferredKeyValueLayer(DynamicLayer):
     def values(self, values: torch.Tensor | None) -> None:
         self._values = values
 
+    def reset(self) -> None:
+        self._pending = []  # owed positions go with the rest of the layer
+        super().reset()
+
     def get_seq_length(self) -> int:
         stored = self._keys.shape[-2] if self.is_initialized and self._keys.numel() else 0
         return stored + sum(part.length for part in self._pending)

@@ -160,6 +160,22 @@ def test_cache_operations_see_deferred_positions():
         assert_fp32_close(*logits, "full-depth logits after the operation")
 
 
+def test_reset_drops_owed_positions():
+    """`reset` empties a layer that owes keys/values; the cache then fills again from scratch."""
+    model = build()
+    ids, mask = padded_batch()
+    adaptive = dict(exit_criterion="entropy", exit_threshold=ALWAYS["entropy"])
+    cache = output_cache(greedy(model, ids, mask, **adaptive))
+    assert deferring_layers(cache)
+    cache.reset()
+    assert [layer.get_seq_length() for layer in cache.layers] == [0] * len(cache.layers)
+    assert all(layer.keys is None for layer in cache.layers)
+    refilled = greedy(model, ids, mask, **adaptive, **cache_kwargs(cache))
+    fresh = greedy(model, ids, mask, **adaptive)
+    assert torch.equal(refilled.sequences, fresh.sequences)
+    assert_same_caches(output_cache(refilled), output_cache(fresh))
+
+
 def test_beam_search_with_deferred_keys_values():
     """Beam search reorders a cache that owes keys/values: its output equals the eager cache's."""
     model = gated(build(exit_gate=True))
