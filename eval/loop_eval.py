@@ -138,7 +138,7 @@ def adaptive_exit_sweep(model, blocks: torch.Tensor, criterion: str, thresholds:
 
 
 def plot_summary(path: str | Path, losses: list[tuple[int, float]], per_loop: list[dict], sweep: list[dict],
-                 title: str = "") -> Path:
+                 title: str = "", gate_sweep: list[dict] | None = None) -> Path:
     """Write a three-panel PNG: training loss, held-out perplexity per loop, perplexity against compute.
 
     Args:
@@ -147,6 +147,7 @@ def plot_summary(path: str | Path, losses: list[tuple[int, float]], per_loop: li
         per_loop: Rows from [`per_loop_perplexity`].
         sweep: Rows from [`entropy_exit_sweep`].
         title: Figure title.
+        gate_sweep: Rows from [`adaptive_exit_sweep`] with the learned exit gate, if any.
     """
     import matplotlib
 
@@ -165,7 +166,10 @@ def plot_summary(path: str | Path, losses: list[tuple[int, float]], per_loop: li
                  color="tab:orange", label="static exit (every token)")
     axes[2].plot([row["depth_fraction"] for row in sweep], [row["perplexity"] for row in sweep], "o-",
                  color="tab:green", label="adaptive: entropy <= threshold")
-    for row in sweep:
+    if gate_sweep:
+        axes[2].plot([row["depth_fraction"] for row in gate_sweep], [row["perplexity"] for row in gate_sweep], "^-",
+                     color="tab:purple", label="adaptive: exit gate >= threshold")
+    for row in [*sweep, *(gate_sweep or [])]:
         axes[2].annotate(f"{row['threshold']:g}", (row["depth_fraction"], row["perplexity"]), fontsize=7,
                          textcoords="offset points", xytext=(3, 3))
     axes[2].set(xlabel="fraction of depth steps run", ylabel="held-out perplexity", title="early-exit sweep")
@@ -182,10 +186,11 @@ def plot_summary(path: str | Path, losses: list[tuple[int, float]], per_loop: li
 
 
 def summarise_sweep(per_loop: list[dict], sweep: list[dict], tolerance: float = 0.02) -> dict[str, Any]:
-    """The largest-saving threshold whose perplexity stays within `tolerance` of full depth (else the smallest)."""
+    """The largest-saving threshold whose perplexity stays within `tolerance` of full depth (else the one saving
+    least, whichever direction the criterion's threshold runs)."""
     full = per_loop[-1]["perplexity"]
     within = [row for row in sweep if row["perplexity"] <= full * (1 + tolerance)]
-    best = max(within, key=lambda row: row["compute_saved"]) if within else min(sweep, key=lambda r: r["threshold"])
+    best = max(within, key=lambda row: row["compute_saved"]) if within else min(sweep, key=lambda r: r["compute_saved"])
     return {"full_depth_perplexity": full, "tolerance": tolerance, "chosen": best}
 
 

@@ -2,12 +2,13 @@
 
     python -m modeling_looped_moe.main_job [--text FILE ...] [--preset NAME] [--train-seconds S] [--output-dir DIR]
 
-With no options it trains the `tiny` preset (4 loops instead of 2, no coda, deep supervision at every loop exit)
-with a byte-level BPE on Python's own documentation (`pydoc_data.topics`, on every CPython install; nothing is
-downloaded), for a wall-clock budget, using the project's train command (`transformers.Trainer`). It then measures
-held-out perplexity after every loop and for an entropy early-exit sweep, writes `summary.json` and `main_job.png`
-(and the trained model and tokenizer) to the output folder, and prints a sample generated with adaptive exit next to
-the full-depth one, with the decode compute the exit saved.
+With no options it trains the `tiny` preset (4 loops instead of 2, no coda, deep supervision at every loop exit,
+and a learned exit gate trained jointly on the detached loop states) with a byte-level BPE on Python's own
+documentation (`pydoc_data.topics`, on every CPython install; nothing is downloaded), for a wall-clock budget, using
+the project's train command (`transformers.Trainer`). It then measures held-out perplexity after every loop and for
+early-exit sweeps of the entropy rule and of the gate, writes `summary.json` and `main_job.png` (and the trained model
+and tokenizer) to the output folder, and prints a sample generated with each adaptive exit next to the full-depth
+one, with the decode depth steps each exit saved and the decode times.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_THRESHOLDS = [1.0, 2.0, 3.0, 4.0, 5.0, 5.5, 6.0, 6.5, 7.0]
+DEFAULT_GATE_THRESHOLDS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 SAMPLE_TIMING_RUNS = 3  # timed runs of each sample after its first (warm-up) run; the fastest is reported
 # The main job's model is the `tiny` preset with 4 loops and no coda layer: adaptive exit scores every loop boundary
 # through the coda, so a coda costs one layer per boundary in decoding (the Looped-MoE paper's models have none).
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks evaluated")
     parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
                         help="entropy thresholds (nats) of the early-exit sweep")
+    parser.add_argument("--gate-thresholds", type=float, nargs="+", default=DEFAULT_GATE_THRESHOLDS,
+                        help="exit-gate probability thresholds of the early-exit sweep")
     parser.add_argument("--sample-tokens", type=int, default=48, help="tokens generated for the sample")
     parser.add_argument("--output-dir", default="outputs/main_job")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,11 +72,15 @@ def _train(args: argparse.Namespace, output_dir: Path):
     fields = parse_key_values(overrides)
     base = load_preset(args.preset)
     num_loops = fields.get("num_loops", base.num_loops)
-    if "loop_loss_weights" not in fields and num_loops > 1:
+    if num_loops < 2:
+        raise SystemExit("the main job demonstrates early exit at loop boundaries: it needs num_loops >= 2")
+    if "loop_loss_weights" not in fields:
         # Deep supervision: every loop exit is trained, later loops weigh more; the weights sum to 1, so the logged
         # loss is a weighted mean of the exits' cross-entropies.
         total = num_loops * (num_loops + 1) / 2
         fields["loop_loss_weights"] = [round((k + 1) / total, 4) for k in range(num_loops)]
+    # The learned exit gate trains jointly on the loop states, detached: it never moves the language model.
+    fields.setdefault("exit_gate", True)
     if fields.get("max_position_embeddings", base.max_position_embeddings) < args.block_size:
         fields["max_position_embeddings"] = args.block_size
     overrides = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
@@ -109,30 +117,41 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int
 
 
 def _evaluate(args: argparse.Namespace, model, eval_blocks: torch.Tensor) -> dict:
-    """Held-out perplexity after every loop and along the entropy early-exit sweep; prints both."""
-    from .eval.loop_eval import entropy_exit_sweep, loop_token_losses, per_loop_perplexity, summarise_sweep
+    """Held-out perplexity after every loop and along the entropy and (if the model has one) gate early-exit
+    sweeps; prints them."""
+    from .eval.loop_eval import adaptive_exit_sweep, loop_token_losses, per_loop_perplexity, summarise_sweep
 
     nll, _ = loop_token_losses(model, eval_blocks)
     per_loop = per_loop_perplexity(model.config, nll)
-    sweep = entropy_exit_sweep(model, eval_blocks, sorted(args.thresholds))
     for row in per_loop:
         print(f"      exit after loop {row['exit_loop']}: perplexity {row['perplexity']:8.2f}  "
               f"(depth {row['depth_fraction']:.2f})")
-    for row in sweep:
-        print(f"      entropy <= {row['threshold']:<4g}: perplexity {row['perplexity']:8.2f}  "
-              f"mean loops {row['mean_loops']:.2f}  compute saved {row['compute_saved']:6.1%}")
-    return {"per_loop": per_loop, "entropy_sweep": sweep, "sweep_choice": summarise_sweep(per_loop, sweep),
-            "held_out_tokens": int(nll.shape[1])}
+    evaluation = {"per_loop": per_loop, "held_out_tokens": int(nll.shape[1])}
+    sweeps = {"entropy": (sorted(args.thresholds), "entropy <= "), "gate": (sorted(args.gate_thresholds,
+                                                                                reverse=True), "gate >= ")}
+    if model.model.exit_gate is None:  # a preset override turned the gate off
+        del sweeps["gate"]
+    for criterion, (thresholds, label) in sweeps.items():
+        sweep = adaptive_exit_sweep(model, eval_blocks, criterion, thresholds)
+        for row in sweep:
+            print(f"      {label}{row['threshold']:<4g}: perplexity {row['perplexity']:8.2f}  "
+                  f"mean loops {row['mean_loops']:.2f}  compute saved {row['compute_saved']:6.1%}")
+        evaluation[f"{criterion}_sweep"] = sweep
+        evaluation[f"{criterion}_choice"] = summarise_sweep(per_loop, sweep)
+    return evaluation
 
 
-def _sample(args: argparse.Namespace, model, tokenizer, prompt: torch.Tensor, threshold: float) -> dict:
-    """The same sampled continuation with adaptive exit and at full depth, with the decode compute saved.
+def _sample(args: argparse.Namespace, model, tokenizer, prompt: torch.Tensor, thresholds: dict[str, float]) -> dict:
+    """The same sampled continuation with each adaptive exit (`{criterion: threshold}`) and at full depth, with the
+    decode depth steps each exit saved.
 
     The first run of each also warms up. The times reported are the fastest of `SAMPLE_TIMING_RUNS` more, taken in
-    turns, each generating exactly `sample_tokens` tokens (eos held back, so both settings decode as many tokens;
+    turns, each generating exactly `sample_tokens` tokens (eos held back, so every setting decodes as many tokens;
     a first `generate` pays one-off costs, which would otherwise be charged to whichever runs first).
     """
-    settings = {"adaptive": {"exit_criterion": "entropy", "exit_threshold": threshold}, "full": {}}
+    settings = {criterion: {"exit_criterion": criterion, "exit_threshold": threshold}
+                for criterion, threshold in thresholds.items()}
+    settings["full_depth"] = {}
     results = {name: _generate(model, tokenizer, prompt, args.sample_tokens, args.seed, **kwargs)
                for name, kwargs in settings.items()}
     fastest = {name: math.inf for name in settings}
@@ -144,20 +163,24 @@ def _sample(args: argparse.Namespace, model, tokenizer, prompt: torch.Tensor, th
             results[name]["timed_compute_saved"] = timed["compute_saved"]
     for name in settings:
         results[name]["seconds"] = fastest[name]
-    adaptive, full = results["adaptive"], results["full"]
-    print(f"      prompt   : {tokenizer.decode(prompt[0])!r}")
-    print(f"      adaptive : {adaptive['text']!r}")
-    print(f"      full     : {full['text']!r}")
-    print(f"      adaptive exit saved {adaptive['compute_saved']:.1%} of the decode depth steps")
+    full = results["full_depth"]
+    print(f"      prompt     : {tokenizer.decode(prompt[0])!r}")
+    for name in settings:
+        print(f"      {name:<11}: {results[name]['text']!r}")
     print(f"      timed on {args.sample_tokens} tokens each (fastest of {SAMPLE_TIMING_RUNS} runs after a warm-up): "
-          f"{adaptive['seconds']:.3f}s with adaptive exit ({adaptive['timed_compute_saved']:.1%} of the decode depth "
-          f"steps saved) vs {full['seconds']:.3f}s at full depth")
-    if adaptive["decode_steps"] == 0:
+          f"{full['seconds']:.3f}s at full depth")
+    for criterion, threshold in thresholds.items():
+        run = results[criterion]
+        run["threshold"] = threshold
+        print(f"      {criterion} exit (threshold {threshold:g}) saved {run['compute_saved']:.1%} of the decode depth "
+              f"steps in the sample; timed: {run['seconds']:.3f}s ({full['seconds'] / run['seconds']:.2f}x full "
+              f"depth's speed) with {run['timed_compute_saved']:.1%} saved")
+    if any(results[criterion]["decode_steps"] == 0 for criterion in thresholds):
         import transformers
 
         print(f"      warning: generate() ran no cached decode step (transformers {transformers.__version__}), so no "
               "decode compute was saved or measured")
-    return {"prompt": tokenizer.decode(prompt[0]), "threshold": threshold, "adaptive": adaptive, "full_depth": full}
+    return {"prompt": tokenizer.decode(prompt[0]), **results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,28 +209,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{state.global_step * args.batch_size * args.block_size / max(result.train_seconds, 1e-9):.0f} tokens/s; "
           f"model and tokenizer saved to {result.output_dir}")
 
-    print(f"[2/4] held-out perplexity per loop and entropy early-exit sweep ({args.eval_blocks} blocks)")
+    print(f"[2/4] held-out perplexity per loop and early-exit sweeps ({args.eval_blocks} blocks)")
     eval_blocks = result.eval_blocks[: args.eval_blocks]
     if len(eval_blocks) == 0:
         raise SystemExit("the held-out text is shorter than one block: give more text or a smaller --block-size")
     evaluation = _evaluate(args, model, eval_blocks)
-    threshold = evaluation["sweep_choice"]["chosen"]["threshold"]
+    thresholds = {criterion: evaluation[f"{criterion}_choice"]["chosen"]["threshold"]
+                  for criterion in ("entropy", "gate") if f"{criterion}_choice" in evaluation}
 
-    print(f"[3/4] sample ({args.sample_tokens} tokens) with adaptive exit, entropy <= {threshold:g}")
-    sample = _sample(args, model, tokenizer, eval_blocks[:1, :24], threshold)
+    print(f"[3/4] sample ({args.sample_tokens} tokens) at full depth and with adaptive exit: "
+          + ", ".join(f"{criterion} threshold {threshold:g}" for criterion, threshold in thresholds.items()))
+    sample = _sample(args, model, tokenizer, eval_blocks[:1, :24], thresholds)
 
     print("[4/4] writing summary and plot")
     parameters = sum(p.numel() for p in model.parameters())
     title = (f"{args.preset} preset, {config.num_prelude_layers}+{config.num_loop_layers}x{config.num_loops}"
              f"+{config.num_coda_layers} layers, {parameters:,} parameters, {state.global_step} steps")
     plot_path = plot_summary(output_dir / "main_job.png", losses, evaluation["per_loop"],
-                             evaluation["entropy_sweep"], title)
+                             evaluation["entropy_sweep"], title, gate_sweep=evaluation.get("gate_sweep"))
     summary = {
         "preset": args.preset,
         "text": args.text or "python pydoc_data.topics",
         "config": {key: getattr(config, key) for key in (
             "vocab_size", "hidden_size", "num_prelude_layers", "num_loop_layers", "num_loops", "num_coda_layers",
-            "num_experts", "num_experts_per_tok", "loop_loss_weights", "router_aux_loss_coef", "router_z_loss_coef")},
+            "num_experts", "num_experts_per_tok", "loop_loss_weights", "router_aux_loss_coef", "router_z_loss_coef",
+            "exit_gate")},
         "parameters": parameters,
         "training": {"steps": state.global_step, "seconds": round(result.train_seconds, 1),
                      "final_loss": losses[-1][1] if losses else None,

@@ -236,16 +236,22 @@ def test_main_job_writes_summary_and_plot(tmp_path):
     out = tmp_path / "job"
     code = main_job(["--text", str(_text_file(tmp_path, 30_000)), "--train-seconds", "30", "--max-steps", "3",
                      "--vocab-size", "300", "--block-size", "32", "--batch-size", "4", "--eval-blocks", "4",
-                     "--thresholds", "3", "6", "--sample-tokens", "4", "--output-dir", str(out)])
+                     "--thresholds", "3", "6", "--gate-thresholds", "0.4", "0.9", "--sample-tokens", "4",
+                     "--output-dir", str(out)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["steps"] == 3 and summary["config"]["num_loops"] == 4
     assert [row["exit_loop"] for row in summary["per_loop"]] == [1, 2, 3, 4]
     assert [row["threshold"] for row in summary["entropy_sweep"]] == [3.0, 6.0]
-    assert all(0.0 <= row["compute_saved"] < 1.0 for row in summary["entropy_sweep"])
-    assert len(summary["sample"]["adaptive"]["exit_loops"]) == 4
-    for run in ("adaptive", "full_depth"):  # the sample may stop at eos; the timed runs generate all 4 tokens
+    assert [row["threshold"] for row in summary["gate_sweep"]] == [0.9, 0.4]  # most conservative first
+    assert summary["config"]["exit_gate"] is True
+    for criterion in ("entropy", "gate"):
+        assert all(0.0 <= row["compute_saved"] < 1.0 for row in summary[f"{criterion}_sweep"])
+        assert summary["sample"][criterion]["threshold"] == summary[f"{criterion}_choice"]["chosen"]["threshold"]
+        assert len(summary["sample"][criterion]["exit_loops"]) == 4
+        assert 0.0 <= summary["sample"][criterion]["timed_compute_saved"] < 1.0
+    for run in ("entropy", "gate", "full_depth"):  # the sample may stop at eos; the timed runs generate all 4 tokens
         assert 1 <= summary["sample"][run]["new_tokens"] <= 4
-    assert 0.0 <= summary["sample"]["adaptive"]["timed_compute_saved"] < 1.0
     assert (out / "main_job.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_coda_layers == 0
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert saved.config.num_coda_layers == 0 and saved.model.exit_gate.weight.any()  # the jointly trained gate
