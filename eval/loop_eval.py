@@ -1,4 +1,4 @@
-"""Held-out evaluation of looped models: perplexity at every loop exit, the entropy early-exit sweep, and a plot.
+"""Held-out evaluation of looped models: perplexity at every loop exit, early-exit sweeps, and a plot.
 
 The sweep follows the Looped-MoE paper (training-free exit at loop boundaries by output entropy): a token leaves
 after the first loop whose exit distribution has entropy (nats) <= the threshold, else after the last loop. Its
