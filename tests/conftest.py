@@ -359,6 +359,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def close_process_group() -> None:
+    """End a gloo worker's process group: wait for every rank, drop unreferenced objects, then destroy it.
+
+    Destroying the group while another rank still has work in flight, or while dead objects still hold tensors that
+    gloo's threads reference, can abort the exiting process ("terminate called without an active exception", SIGABRT)
+    after its work is done; two of the suite's multi-process tests have hit this. No-op without a group.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def run_gloo_workers(tmp_path: Path, module: str, worker: str, world_size: int = 2, while_waiting=lambda: None,
                      timeout: float = 300):
     """Run `<module>.<worker>(rank, tmp_path)` (a test module's function) in `world_size` processes with a

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_fp32_close, run_child, run_gloo_workers, small_config
+from conftest import assert_fp32_close, close_process_group, run_child, run_gloo_workers, small_config
 from modeling_looped_moe import LoopedMoeForCausalLM
 from modeling_looped_moe.training.fsdp import apply_fsdp2
 from modeling_looped_moe.training.trainer import optimizer_param_groups
@@ -113,7 +113,7 @@ def _worker(rank: int, out_dir: str) -> None:
             torch.save(logits, Path(out_dir, "sharded_logits.pt"))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def _reference_losses(steps: int = STEPS, **overrides) -> tuple[list[float], float]:
@@ -197,8 +197,7 @@ def _trainer_fsdp_worker(rank: int, out_dir: str) -> None:
     except ValueError as error:
         outcome = {"raised": str(error), "world_size": dist.get_world_size()}
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
@@ -231,7 +230,7 @@ def _resume_worker(rank: int, out_dir: str) -> None:
         losses = _train_steps(model, optimizer, rank, range(state["step"], STEPS))
         Path(out_dir, f"resumed{rank}.json").write_text(json.dumps({"losses": losses, "state": state}))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 GATHERED_REMOTE_SCRIPT = '''
@@ -368,7 +367,7 @@ def _policies_worker(rank: int, out_dir: str) -> None:
         reports = {name: _policy_run(rank, **options) for name, options in _policy_runs(out_dir).items()}
         Path(out_dir, f"policies{rank}.json").write_text(json.dumps(reports))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def test_checkpointing_deep_supervision_mixed_precision_and_offload(tmp_path):
@@ -466,7 +465,9 @@ def _accelerate_worker(rank: int, out_dir: str) -> None:
                  tail_is_one_unit=all(unit is tail[0] for unit in tail),
                  world_size=accelerator.num_processes)
     Path(out_dir, f"accelerate{rank}.json").write_text(json.dumps(state))
-    accelerator.end_training()  # destroys the process group
+    accelerator.free_memory(model, optimizer)  # accelerate's own references to the prepared objects
+    del model, optimizer
+    close_process_group()
 
 
 def test_accelerate_fsdp2_auto_wrap_gives_a_unit_per_layer_and_bank(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import assert_fp32_close, run_gloo_workers, small_config
+from conftest import assert_fp32_close, close_process_group, run_gloo_workers, small_config
 from modeling_looped_moe import LoopedMoeForCausalLM
 
 WORLD_SIZE = 2
@@ -60,7 +60,6 @@ def _load_and_run(folder: str, **kwargs) -> dict:
 
 def _tp_worker(rank: int, out_dir: str) -> None:
     """Load with `tp_plan="auto"`, then with expert parallelism (`DistributedConfig(tp_size=2, ep_size=2)`)."""
-    import torch.distributed as dist
     from transformers.distributed import DistributedConfig
 
     torch.set_num_threads(1)
@@ -69,8 +68,7 @@ def _tp_worker(rank: int, out_dir: str) -> None:
     report = {"tp": _load_and_run(folder, tp_plan="auto"),
               "ep": _load_and_run(folder, distributed_config=DistributedConfig(tp_size=2, ep_size=2, tp_plan="auto"))}
     Path(out_dir, f"tp{rank}.json").write_text(json.dumps(report))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
 
 
 def test_tp_plan_auto_shards_attention_and_experts_and_matches_one_process(tmp_path):

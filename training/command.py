@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
               f"saved model and tokenizer to {result.output_dir}"
               + (f"; held-out loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.2f})"
                  if "eval_loss" in metrics else ""))
-    result.trainer.accelerator.end_training()  # destroys the process group: gloo's threads can abort an exiting process
+    # Every rank done before the process group goes: destroying it with a peer's work in flight, or letting the
+    # interpreter do it at exit, can abort the exiting process from gloo's threads.
+    result.trainer.accelerator.wait_for_everyone()
+    result.trainer.accelerator.end_training()
     return 0
 
 
