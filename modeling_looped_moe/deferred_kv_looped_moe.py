@@ -32,6 +32,7 @@ class _StandingTokens:
     loop_inputs: torch.Tensor  # [batch, seq, hidden], the loop block's input (for input re-injection)
     cos: torch.Tensor  # [batch, 1, seq, head_dim], or broadcast over the batch
     sin: torch.Tensor
+    grad_enabled: bool  # the autograd mode of the forward that deferred them, which their projection runs under
     key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -81,8 +82,10 @@ class DeferredKeyValueLayer(DynamicLayer):
         if model is None:
             raise RuntimeError("this cache holds keys/values deferred by an early exit, but the model that deferred "
                                "them was deleted: continue the cache with the model that filled it")
-        keys, values = _standing_key_values(model, pending, self.loop_idx, self.offset)
-        DynamicLayer.update(self, keys, values)
+        # In the autograd mode of the forwards that deferred them (a `generate` step runs without; the read may not).
+        with torch.set_grad_enabled(any(part.grad_enabled for part in pending)):
+            keys, values = _standing_key_values(model, pending, self.loop_idx, self.offset)
+            DynamicLayer.update(self, keys, values)
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -157,7 +160,7 @@ def defer_skipped_loops(
         first_skipped_loop: The first loop (from 0) that no position ran.
         position_embeddings: `(cos, sin)` of the positions, batch-first or broadcast.
     """
-    tokens = _StandingTokens(exit_states, loop_inputs, *position_embeddings)
+    tokens = _StandingTokens(exit_states, loop_inputs, *position_embeddings, grad_enabled=torch.is_grad_enabled())
     layers = cache.layers
     for loop_idx in range(first_skipped_loop, len(model.loop_steps)):
         for offset, depth_step in enumerate(model.loop_steps[loop_idx]):

@@ -186,6 +186,20 @@ def test_beam_search_with_deferred_keys_values():
     assert torch.equal(deferred.sequences, eager.sequences)
 
 
+def test_owed_keys_values_are_projected_in_the_deferring_forwards_autograd_mode():
+    """Keys/values deferred by `generate` (no autograd) and read with autograd on carry no graph, as written at once
+    they would not; deferred by a forward with autograd on, they do."""
+    model = build()
+    ids, mask = padded_batch()
+    adaptive = dict(exit_criterion="entropy", exit_threshold=ALWAYS["entropy"])
+    cache = output_cache(greedy(model, ids, mask, **adaptive))
+    step = deferring_layers(cache)[0]
+    assert torch.is_grad_enabled() and not cache.layers[step].keys.requires_grad
+    with_grad = output_cache(model(ids, attention_mask=mask, use_cache=True, **adaptive))
+    with torch.no_grad():
+        assert with_grad.layers[deferring_layers(with_grad)[0]].keys.requires_grad
+
+
 def test_cache_owing_keys_values_outliving_its_model_raises():
     """Reading owed keys/values after the model that deferred them is gone raises a clear error (the cache holds no
     reference that would keep the model alive)."""
