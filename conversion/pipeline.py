@@ -119,7 +119,7 @@ def _check_looped_source(source: SourceCheckpoint, options: ConversionOptions, t
                               "has no source family to export to")
     if config.num_loops != 1:
         raise ConversionError("export needs num_loops=1 (a looped model has no equivalent in the source family)")
-    if config.loop_conditioning != "none" or config.loop_input_injection != "none":
+    if config.is_loop_conditioned():
         raise ConversionError("export needs loop_conditioning and loop_input_injection 'none' (the source family "
                               "has neither)")
 

@@ -113,7 +113,7 @@ class Calibrator:
         layer once, with plain norms."""
         if config.num_loops != 1:
             return f"the source loops its block {config.num_loops} times; the calibration pass applies each layer once"
-        if config.loop_conditioning != "none" or config.loop_input_injection != "none":
+        if config.is_loop_conditioned():
             return "the calibration pass does not model loop conditioning or loop input injection"
         return None
 

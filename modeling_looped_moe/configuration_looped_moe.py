@@ -316,6 +316,10 @@ class LoopedMoeConfig(PreTrainedConfig):
         """Whether unique layer `layer_idx` belongs to the loop block."""
         return self.num_prelude_layers <= layer_idx < self.num_prelude_layers + self.num_loop_layers
 
+    def is_loop_conditioned(self) -> bool:
+        """Whether a loop-block layer computes differently in each loop (loop conditioning or input re-injection)."""
+        return self.loop_conditioning != "none" or self.loop_input_injection != "none"
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether unique layer `layer_idx` routes to experts (as opposed to a dense MLP)."""
         return self.num_experts > 0 and layer_idx not in self.mlp_only_layers

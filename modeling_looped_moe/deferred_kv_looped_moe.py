@@ -44,8 +44,7 @@ def _standing_key_values(model, tokens: list[_StandingTokens], loop_idx: int, of
     """Keys and values `[batch, kv_heads, positions, head_dim]` of loop-block layer `offset` in loop `loop_idx` for
     every position of `tokens`, in order: one projection for all of them (or the stored one, per offset, when the
     loop does not matter)."""
-    config = model.config
-    loop_independent = config.loop_conditioning == "none" and config.loop_input_injection == "none"
+    loop_independent = not model.config.is_loop_conditioned()
     missing = [part for part in tokens if offset not in part.key_values] if loop_independent else tokens
     if missing:
         batch_size = missing[0].exit_states.shape[0]
@@ -68,6 +67,23 @@ def _standing_key_values(model, tokens: list[_StandingTokens], loop_idx: int, of
             torch.cat([part.key_values[offset][1] for part in tokens], dim=2))
 
 
+class _SettledTensor:
+    """`keys` or `values` of a [`DeferredKeyValueLayer`]: any read first projects the positions the layer owes."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.stored = f"_{name}"
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        if layer._pending:
+            layer._settle()
+        return layer.__dict__[self.stored]
+
+    def __set__(self, layer, tensor: torch.Tensor | None) -> None:
+        layer.__dict__[self.stored] = tensor
+
+
 class DeferredKeyValueLayer(DynamicLayer):
     """A [`DynamicLayer`] of a loop-block depth step that may owe keys/values for exited tokens.
 
@@ -87,25 +103,8 @@ class DeferredKeyValueLayer(DynamicLayer):
             keys, values = _standing_key_values(model, pending, self.loop_idx, self.offset)
             DynamicLayer.update(self, keys, values)
 
-    @property
-    def keys(self) -> torch.Tensor | None:
-        if self._pending:
-            self._settle()
-        return self._keys
-
-    @keys.setter
-    def keys(self, keys: torch.Tensor | None) -> None:
-        self._keys = keys
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        if self._pending:
-            self._settle()
-        return self._values
-
-    @values.setter
-    def values(self, values: torch.Tensor | None) -> None:
-        self._values = values
+    keys = _SettledTensor()
+    values = _SettledTensor()
 
     def reset(self) -> None:
         self._pending = []  # owed positions go with the rest of the layer
@@ -118,9 +117,6 @@ class DeferredKeyValueLayer(DynamicLayer):
     @classmethod
     def replacing(cls, layer: DynamicLayer, model, loop_idx: int, offset: int) -> DeferredKeyValueLayer:
         """`layer` (its state moved over) as a deferring layer of depth step `(loop_idx, offset)` of `model`."""
-        if isinstance(layer, cls):
-            layer._model = weakref.ref(model)
-            return layer
         state = dict(vars(layer))
         deferring = cls.__new__(cls)
         deferring._keys, deferring._values = state.pop("keys"), state.pop("values")
@@ -131,14 +127,15 @@ class DeferredKeyValueLayer(DynamicLayer):
         return deferring
 
 
-def can_defer(cache: Cache | None, depth_steps) -> bool:
-    """Whether `cache` can hold deferred keys/values in `depth_steps`: plain dynamic layers, already created, and no
-    offloading (which moves layers by their tensors)."""
-    if cache is None or getattr(cache, "offloading", False) or not hasattr(cache, "layers"):
+def can_defer(model, cache: Cache | None, first_skipped_loop: int) -> bool:
+    """Whether `cache` can leave loops `first_skipped_loop..` of `model` owing keys/values: there is such a loop, and
+    its layers are plain dynamic layers, already created, without offloading (which moves layers by their tensors)."""
+    if (first_skipped_loop >= len(model.loop_steps) or cache is None or getattr(cache, "offloading", False)
+            or not hasattr(cache, "layers")):
         return False
     layers = cache.layers
     return all(depth_step < len(layers) and type(layers[depth_step]) in (DynamicLayer, DeferredKeyValueLayer)
-               for depth_step in depth_steps)
+               for steps in model.loop_steps[first_skipped_loop:] for depth_step in steps)
 
 
 def defer_skipped_loops(
@@ -165,8 +162,10 @@ def defer_skipped_loops(
     for loop_idx in range(first_skipped_loop, len(model.loop_steps)):
         for offset, depth_step in enumerate(model.loop_steps[loop_idx]):
             layer = layers[depth_step]
-            if type(layer) is not DeferredKeyValueLayer or layer._model() is not model:
+            if type(layer) is not DeferredKeyValueLayer:
                 layer = layers[depth_step] = DeferredKeyValueLayer.replacing(layer, model, loop_idx, offset)
+            elif layer._model() is not model:  # the cache goes on with another model holding the same weights
+                layer._model = weakref.ref(model)
             if not layer.is_initialized:  # transformers skips uninitialized layers (`crop`), so owing counts as content
                 layer.lazy_initialization(exit_states, exit_states)
             layer._pending.append(tokens)

@@ -411,8 +411,7 @@ def adaptive_decode_step(
         stays = ~fires
         active, states, loop_inputs = rows[stays], states[stays], loop_inputs[stays]
     # `loop_idx` is the deepest loop any row ran: the loops after it are owed by every row, and can wait for a reader.
-    deferred = (kv_policy == "propagate" and loop_idx < len(model.loop_steps) - 1
-                and can_defer(cache, sum(model.loop_steps[loop_idx + 1:], ())))
+    deferred = kv_policy == "propagate" and can_defer(model, cache, loop_idx + 1)
     for rows, exit_states, exit_inputs, exit_loop_idx in exit_groups:
         if not (deferred and exit_loop_idx == loop_idx):  # skipped loops that some row ran: written now
             _stage_skipped_loops(model, staging, exit_states, exit_inputs, rows, batch_size, exit_loop_idx,
@@ -526,7 +525,7 @@ def adaptive_prefill(
         if any_exited and bool(exited.all()):
             # Every position has left: the remaining loops only leave their keys/values (per the policy) in the cache,
             # as a decode step does for a row that exits, with no attention or MLP run for them.
-            if proxy.kv_policy == "propagate" and can_defer(cache, sum(model.loop_steps[loop_idx:], ())):
+            if proxy.kv_policy == "propagate" and can_defer(model, cache, loop_idx):
                 defer_skipped_loops(model, cache, hidden_states, loop_input, loop_idx,
                                     layer_kwargs["position_embeddings"])
             elif cache is not None and proxy.kv_policy is not None:
@@ -582,7 +581,7 @@ def _skipped_loop_key_values(model, kv_policy: str, copied_key_values, exit_stat
     per layer when nothing depends on the loop).
     """
     config = model.config
-    loop_dependent = config.loop_conditioning != "none" or config.loop_input_injection != "none"
+    loop_dependent = config.is_loop_conditioned()
     for offset in range(config.num_loop_layers):
         key_value = copied_key_values(offset) if kv_policy == "copy" else None
         for later_loop in range(first_skipped_loop, config.num_loops if last_loop is None else last_loop + 1):

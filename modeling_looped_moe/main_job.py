@@ -127,10 +127,9 @@ def _evaluate(args: argparse.Namespace, model, eval_blocks: torch.Tensor) -> dic
         print(f"      exit after loop {row['exit_loop']}: perplexity {row['perplexity']:8.2f}  "
               f"(depth {row['depth_fraction']:.2f})")
     evaluation = {"per_loop": per_loop, "held_out_tokens": int(nll.shape[1])}
-    sweeps = {"entropy": (sorted(args.thresholds), "entropy <= "), "gate": (sorted(args.gate_thresholds,
-                                                                                reverse=True), "gate >= ")}
-    if model.model.exit_gate is None:  # a preset override turned the gate off
-        del sweeps["gate"]
+    sweeps = {"entropy": (sorted(args.thresholds), "entropy <= ")}
+    if model.model.exit_gate is not None:  # unless a preset override turned the gate off
+        sweeps["gate"] = (sorted(args.gate_thresholds, reverse=True), "gate >= ")
     for criterion, (thresholds, label) in sweeps.items():
         sweep = adaptive_exit_sweep(model, eval_blocks, criterion, thresholds)
         for row in sweep:

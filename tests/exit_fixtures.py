@@ -40,10 +40,10 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def greedy(model, ids, mask=None, **kwargs):
-    """Greedy `generate` of `NEW_TOKENS` tokens; returns the dict output (sequences, cache, ...)."""
+def greedy(model, ids, mask=None, new_tokens: int = NEW_TOKENS, **kwargs):
+    """Greedy `generate` of `new_tokens` tokens; returns the dict output (sequences, cache, ...)."""
     mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                           return_dict_in_generate=True, **kwargs)
 
 

@@ -216,12 +216,13 @@ def test_cache_owing_keys_values_outliving_its_model_raises():
 def test_only_plain_dynamic_layers_defer():
     """Other layer types (here a subclass; quantized and sliding-window layers likewise) and offloading caches are
     written at once."""
-    config = build().config
-    steps = range(config.num_hidden_layers)
-    assert can_defer(DynamicCache(config=config), steps)
-    assert not can_defer(eager_cache(config), steps)
-    assert not can_defer(None, steps)
-    assert not can_defer(DynamicCache(), steps)  # layers not created yet
+    base = build().model
+    config = base.config
+    assert can_defer(base, DynamicCache(config=config), 1)
+    assert not can_defer(base, DynamicCache(config=config), config.num_loops)  # no loop left to owe
+    assert not can_defer(base, eager_cache(config), 1)
+    assert not can_defer(base, None, 1)
+    assert not can_defer(base, DynamicCache(), 1)  # layers not created yet
     offloading = DynamicCache(config=config)
     offloading.offloading = True
-    assert not can_defer(offloading, steps)
+    assert not can_defer(base, offloading, 1)

@@ -6,12 +6,15 @@ Tokens of one model are compared exactly; losses and gradients of two computatio
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import exit_fixtures
 import pytest
 import torch
 from conftest import FP32_ATOL, assert_fp32_close, run_child, small_config
+from exit_fixtures import padded_batch
 
 from modeling_looped_moe import LoopedMoeConfig, LoopedMoeForCausalLM
 from modeling_looped_moe.exit_gate_looped_moe import exit_gate_targets
@@ -19,28 +22,12 @@ from modeling_looped_moe.training.exit_gate import main as train_gate_main
 from modeling_looped_moe.training.exit_gate import train_exit_gate
 
 NEW_TOKENS = 6
-FIELDS = {"initializer_range": 0.3, "num_loops": 3, "eos_token_id": None, "exit_gate": True}
+greedy = functools.partial(exit_fixtures.greedy, new_tokens=NEW_TOKENS)
 
 
 def build(**overrides) -> LoopedMoeForCausalLM:
-    torch.manual_seed(0)
-    return LoopedMoeForCausalLM(small_config(**{**FIELDS, **overrides})).eval()
-
-
-def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three prompts of lengths 6, 4 and 2, left-padded with the pad id 0."""
-    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    mask[2, :4] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def greedy(model, ids, mask=None, **kwargs):
-    mask = torch.ones_like(ids) if mask is None else mask
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              return_dict_in_generate=True, **kwargs)
+    """The early-exit tests' seeded model, with an exit gate unless overridden."""
+    return exit_fixtures.build(**{"exit_gate": True, **overrides})
 
 
 def set_gate(model, weight_scale: float, bias: float, seed: int = 0) -> None:
@@ -163,7 +150,7 @@ def test_gate_only_training_changes_only_the_gate():
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the zero gate: p = 0.5 everywhere
     assert sum(losses[-5:]) / 5 < losses[0]
     for name, parameter in model.named_parameters():
-        changed = not torch.equal(parameter.detach(), before[name])
+        changed = not torch.allclose(parameter.detach(), before[name], atol=FP32_ATOL, rtol=0)
         assert changed == name.startswith("model.exit_gate."), name
     with pytest.raises(ValueError, match="no exit gate"):
         train_exit_gate(build(exit_gate=False), blocks, steps=1, progress=False)
